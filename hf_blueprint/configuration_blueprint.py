@@ -1,0 +1,239 @@
+"""Configuration of the Blueprint Transformer.
+
+One config object documents every architectural choice of "The Transformer Blueprint". Each field below is a
+switch; the defaults reproduce the base model of "Attention Is All You Need" (Vaswani et al., 2017): 6 layers,
+d_model 512, 8 heads, d_ff 2048, Post-LN, sinusoidal positions, ReLU, dropout 0.1, embeddings scaled by
+sqrt(d_model) and tied with the output projection.
+
+`BlueprintEncoderConfig` (bidirectional attention) and `BlueprintDecoderConfig` (causal attention) share all of
+them; they differ only in `is_causal` and a few head defaults.
+
+This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
+"""
+
+from typing import ClassVar
+
+from transformers import PretrainedConfig
+
+
+POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "none")
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("post", "pre")
+FFN_TYPES = ("mlp", "glu")
+CLASSIFIER_POOLINGS = ("first", "mean", "last")
+
+
+def _known_activations() -> list[str]:
+    from transformers.activations import ACT2FN
+
+    return sorted(ACT2FN.keys())
+
+
+class BlueprintConfig(PretrainedConfig):
+    r"""
+    Shared base of the Blueprint configurations. Every field is one architectural switch.
+
+    Sizes:
+        vocab_size: number of token ids the embedding and output layers cover.
+        hidden_size: d_model, the width of the residual stream.
+        num_hidden_layers: number of Transformer blocks.
+        num_attention_heads: h, the number of query heads.
+        num_key_value_heads: key/value heads. Equal to `num_attention_heads` (default, `None`) is multi-head
+            attention, 1 is multi-query attention, anything in between that divides the heads is grouped-query.
+        head_dim: width of one head. Defaults to `hidden_size // num_attention_heads` (which must then divide
+            evenly); set it explicitly to decouple the two.
+        intermediate_size: d_ff, the inner width of the position-wise feed-forward network.
+        max_position_embeddings: longest sequence the model accepts with `learned` or `sinusoidal` positions (the
+            table size). `rope`, `alibi` and `none` have no table and no such limit.
+        type_vocab_size: number of token types (segments, BERT's sentence A/B). 0 disables token-type embeddings.
+
+    Positions:
+        position_embedding_type: how the model knows token order.
+            `"sinusoidal"` fixed sin/cos table added to the embeddings (the paper);
+            `"learned"` a trained table added to the embeddings (BERT, GPT-2);
+            `"rope"` rotary embeddings applied to queries and keys (RoFormer, Llama), see `rope_theta`;
+            `"alibi"` a per-head linear distance penalty on attention scores (Press et al., 2022);
+            `"none"` no position signal at all: the encoder is then permutation-equivariant.
+        rope_theta: base of the rotary frequencies.
+
+    Embeddings:
+        scale_embeddings: multiply token embeddings by sqrt(hidden_size) before adding positions (the paper).
+        embedding_norm: normalize the summed embeddings (BERT's embedding LayerNorm).
+        tie_word_embeddings: share the token embedding matrix with the output projection (the paper).
+
+    Blocks:
+        norm_type: `"layernorm"` (the paper, BERT, GPT-2) or `"rmsnorm"` (T5, Llama).
+        norm_position: `"post"` normalizes after each residual addition (the paper, BERT); `"pre"` normalizes each
+            sub-layer's input and adds a final norm after the last block (GPT-2, Llama).
+        layer_norm_eps: epsilon of every normalization layer (also readable as `rms_norm_eps`).
+        ffn_type: `"mlp"` is `down(act(up(x)))` (the paper); `"glu"` is the gated `down(act(gate(x)) * up(x))`
+            (SwiGLU with `hidden_act="silu"`, GeGLU with `"gelu"`).
+        hidden_act: activation of the feed-forward network, any name transformers' `ACT2FN` knows.
+        attention_bias: biases on the q/k/v/o projections (the paper's equations have none; BERT, GPT-2 do).
+        mlp_bias: biases on the feed-forward projections (the paper's FFN has b1 and b2).
+        sliding_window: if set, each token attends only to the last `sliding_window` tokens (causal) or to
+            tokens within that distance on either side (bidirectional): local attention.
+
+    Regularization and init:
+        hidden_dropout_prob: dropout on embeddings and on each sub-layer output before the residual add (P_drop).
+        attention_dropout: dropout on the attention probabilities.
+        activation_dropout: dropout inside the feed-forward network, after the activation.
+        classifier_dropout: dropout before classification heads; `None` uses `hidden_dropout_prob`.
+        initializer_range: std of the normal init of linear layers (and of embeddings when they are not scaled;
+            scaled embeddings use hidden_size**-0.5 so that the scaled vectors have unit variance).
+
+    Heads:
+        classifier_pooling: how sequence classification reduces the sequence: `"first"` token ([CLS], BERT),
+            `"mean"` over real tokens, or `"last"` real token (GPT-2, Llama; the decoder default).
+        add_pooling_layer: BERT's pooler, a dense layer + tanh over the pooled vector, in the base model
+            (`pooler_output`).
+    """
+
+    is_causal: ClassVar[bool] = False
+
+    attribute_map: ClassVar[dict[str, str]] = {
+        "rms_norm_eps": "layer_norm_eps",
+        "d_model": "hidden_size",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+    }
+
+    vocab_size: int = 37000
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 0
+
+    position_embedding_type: str = "sinusoidal"
+    rope_theta: float = 10000.0
+
+    scale_embeddings: bool = True
+    embedding_norm: bool = False
+    tie_word_embeddings: bool = True
+
+    norm_type: str = "layernorm"
+    norm_position: str = "post"
+    layer_norm_eps: float = 1e-5
+    ffn_type: str = "mlp"
+    hidden_act: str = "relu"
+    attention_bias: bool = False
+    mlp_bias: bool = True
+    sliding_window: int | None = None
+
+    hidden_dropout_prob: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+
+    classifier_pooling: str = "mean"
+    add_pooling_layer: bool = False
+
+    use_cache: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self._check_fields()
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"{type(self).__name__}.hidden_size ({self.hidden_size}) must be divisible by "
+                    f"num_attention_heads ({self.num_attention_heads}), or set head_dim explicitly."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    # -- validation -------------------------------------------------------------------------------------------------
+    # Each error names the field, the value given and what is allowed, before any module is built.
+
+    def _check_fields(self):
+        name = type(self).__name__
+        positive_ints = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "max_position_embeddings"]
+        optional_positive_ints = ["num_key_value_heads", "head_dim", "sliding_window"]
+        for field in positive_ints + optional_positive_ints:
+            value = getattr(self, field)
+            if value is None and field in optional_positive_ints:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}.")
+        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \
+                or self.type_vocab_size < 0:
+            raise ValueError(f"{name}.type_vocab_size must be an integer >= 0 (0 disables token types), "
+                             f"got {self.type_vocab_size!r}.")
+
+        choices = {
+            "position_embedding_type": POSITION_EMBEDDING_TYPES,
+            "norm_type": NORM_TYPES,
+            "norm_position": NORM_POSITIONS,
+            "ffn_type": FFN_TYPES,
+            "classifier_pooling": CLASSIFIER_POOLINGS,
+        }
+        for field, allowed in choices.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"{name}.{field}={value!r} is not supported; choose one of {list(allowed)}.")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _known_activations():
+            raise ValueError(f"{name}.hidden_act={self.hidden_act!r} is not an activation transformers knows; "
+                             f"choose one of {_known_activations()}.")
+
+        for field in ["scale_embeddings", "embedding_norm", "tie_word_embeddings", "attention_bias", "mlp_bias",
+                      "add_pooling_layer", "use_cache"]:
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}.{field} must be True or False, got {value!r}.")
+
+        for field in ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "classifier_dropout"]:
+            value = getattr(self, field)
+            if value is None and field == "classifier_dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}.{field} must be a probability in [0, 1), got {value!r}.")
+        for field in ["layer_norm_eps", "rope_theta", "initializer_range"]:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}.{field} must be a positive number, got {value!r}.")
+
+    def validate_architecture(self):
+        """Cross-field rules; also run by transformers' strict validation when the config is saved."""
+        name = type(self).__name__
+        if self.head_dim is None or self.num_key_value_heads is None:  # not resolved yet
+            return
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"{name}.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads}): each key/value head serves a whole group of "
+                f"query heads."
+            )
+        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"{name}.head_dim is {self.head_dim}, but position_embedding_type='rope' rotates pairs of "
+                f"dimensions and needs an even head_dim."
+            )
+
+
+class BlueprintEncoderConfig(BlueprintConfig):
+    """Encoder-only Blueprint (BERT-like): bidirectional self-attention, no cache."""
+
+    model_type = "blueprint_encoder"
+    is_causal: ClassVar[bool] = False
+
+
+class BlueprintDecoderConfig(BlueprintConfig):
+    """Decoder-only Blueprint (GPT-like): causal self-attention with a key/value cache for generation."""
+
+    model_type = "blueprint_decoder"
+    is_causal: ClassVar[bool] = True
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
+
+    classifier_pooling: str = "last"
+    use_cache: bool = True

@@ -1,0 +1,935 @@
+"""The Blueprint Transformer, readable top to bottom.
+
+    token ids ──> token embedding (* sqrt(d_model)) + positional encoding ──> dropout
+              ──> N x TransformerBlock:  x = x + Dropout(MultiHeadAttention(x)),  x = x + Dropout(FeedForward(x))
+                                          with a norm after each add (Post-LN, the paper) or before each
+                                          sub-layer plus one final norm (Pre-LN)
+              ──> head: linear + softmax over the vocabulary, or a classifier
+
+One trunk serves both families; `config.is_causal` is the only difference between the encoder (bidirectional
+attention) and the decoder (causal attention with a key/value cache).
+
+This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_torchdynamo_compiling
+
+from .configuration_blueprint import BlueprintConfig, BlueprintDecoderConfig, BlueprintEncoderConfig
+
+try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
+    from transformers.masking_utils import (
+        create_bidirectional_mask,
+        create_bidirectional_sliding_window_mask,
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+    )
+except ImportError as error:  # pragma: no cover - depends on the installed transformers
+    raise ImportError(
+        "hf_blueprint needs transformers>=5.24,<6 (transformers.masking_utils with the `cache` argument); "
+        "install it with: pip install 'transformers>=5.24,<6'"
+    ) from error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019): LayerNorm without centring or bias."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        # The mean of squares is taken in fp32: in bf16/fp16 it loses too many bits.
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def build_norm(config: BlueprintConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positional encodings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """The paper's fixed table: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+
+    def __init__(self, num_positions: int, dim: int):
+        super().__init__()
+        self.num_positions, self.dim = num_positions, dim
+        # Not persistent: it is a function of the config, so checkpoints don't store it; `_init_weights` refills it
+        # after a meta-device `from_pretrained`.
+        self.register_buffer("table", self.compute_table(num_positions, dim), persistent=False)
+
+    @staticmethod
+    def compute_table(num_positions: int, dim: int) -> torch.Tensor:
+        position = torch.arange(num_positions, dtype=torch.float32)[:, None]
+        inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(num_positions, dim)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+        return table
+
+    def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
+        return self.table[position_ids]
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021): rotates query/key pairs by a position-dependent angle, so that
+    attention scores depend on relative distance only."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__()
+        self.head_dim, self.theta = config.head_dim, config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(self.head_dim, self.theta), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(query, key, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+class AlibiPositionalBias(nn.Module):
+    """ALiBi (Press et al., 2022): no position embedding at all; each head h subtracts slope_h * distance from its
+    attention scores, with geometric slopes so that heads see different ranges."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.register_buffer("slopes", self.compute_slopes(num_heads), persistent=False)
+
+    @staticmethod
+    def compute_slopes(num_heads: int) -> torch.Tensor:
+        # For a power of two n: 2^(-8/n), 2^(-16/n), ...; otherwise the closest power of two plus every other slope
+        # of the next one, as in the paper's reference implementation.
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = [2 ** (-8.0 * (i + 1) / closest) for i in range(closest)]
+        if closest < num_heads:
+            extra = [2 ** (-4.0 * (i + 1) / closest) for i in range(2 * closest)][0::2]
+            slopes += extra[: num_heads - closest]
+        return torch.tensor(slopes, dtype=torch.float32)
+
+    def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        distance = (query_positions[:, None] - key_positions[None, :]).abs().float()
+        return (-self.slopes[:, None, None] * distance).unsqueeze(0).to(dtype)  # (1, heads, q, k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-head attention
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim): each key/value head serves n_rep queries."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T / sqrt(d_k) + bias) V, written out. Accepts the additive float masks of the eager interface and
+    the boolean (or absent, meaning plain causal) masks of sdpa, so it can also serve `output_attentions=True`."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        scores = scores + position_bias
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and module.is_causal and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    min_value = torch.finfo(scores.dtype).min
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, min_value)
+    elif attention_mask is not None:
+        # Clamped so that a fully masked row stays finite (uniform) instead of becoming -inf and then NaN.
+        scores = (scores + attention_mask).clamp_min(min_value)
+
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+    With fewer key/value heads than query heads this is grouped-query (or multi-query) attention. The score
+    computation itself goes through transformers' attention interface (eager, sdpa, flash, flex)."""
+
+    def __init__(self, config: BlueprintConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = config.is_causal  # read by the sdpa and flash integrations
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        self.attention_dropout = config.attention_dropout
+
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_bias: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        implementation = self.config._attn_implementation
+        if output_attentions or implementation == "eager":
+            # Only the eager path materializes the weights; it understands sdpa's masks too.
+            attention_interface: Callable = eager_attention_forward
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            position_bias=position_bias,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Position-wise feed-forward network
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = down(act(up(x))) applied at every position (the paper: max(0, x W1 + b1) W2 + b2), or the gated
+    variant down(act(gate(x)) * up(x)) of Shazeer (2020): SwiGLU, GeGLU."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if config.ffn_type == "glu" else None
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.activation_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            inner = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            inner = self.act_fn(self.up_proj(x))
+        return self.down_proj(self.dropout(inner))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The block: two residual sub-layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TransformerBlock(GradientCheckpointingLayer):
+    """x = x + Dropout(Attention(x)); x = x + Dropout(FFN(x)), each normalized after the add (Post-LN:
+    LayerNorm(x + Sublayer(x)), the paper) or each sub-layer's input normalized (Pre-LN: x + Sublayer(Norm(x)))."""
+
+    def __init__(self, config: BlueprintConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.self_attn = MultiHeadAttention(config, layer_idx)
+        self.self_attn_norm = build_norm(config)
+        self.mlp = FeedForward(config)
+        self.mlp_norm = build_norm(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_bias: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        if self.pre_norm:
+            hidden_states = self.self_attn_norm(hidden_states)
+        hidden_states, attn_weights = self.self_attn(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            position_bias=position_bias,
+            cache=cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        hidden_states = residual + self.dropout(hidden_states)
+        if not self.pre_norm:
+            hidden_states = self.self_attn_norm(hidden_states)
+
+        residual = hidden_states
+        if self.pre_norm:
+            hidden_states = self.mlp_norm(hidden_states)
+        hidden_states = residual + self.dropout(self.mlp(hidden_states))
+        if not self.pre_norm:
+            hidden_states = self.mlp_norm(hidden_states)
+        return hidden_states, attn_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pooling for sequence-level heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, strategy: str) -> torch.Tensor:
+    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` token, the `mean` of real tokens, or the `last`
+    real token (found from the mask, so left and right padding both work)."""
+    if strategy == "first":
+        return hidden_states[:, 0]
+    if token_mask is None:
+        return hidden_states.mean(dim=1) if strategy == "mean" else hidden_states[:, -1]
+    token_mask = token_mask.to(hidden_states.dtype)
+    if strategy == "mean":
+        summed = (hidden_states * token_mask[..., None]).sum(dim=1)
+        return summed / token_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    positions = torch.arange(token_mask.shape[1], device=hidden_states.device)
+    last = (positions * token_mask).argmax(dim=-1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W pooled + b), producing `pooler_output`."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+        self.strategy = config.classifier_pooling
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.activation(self.dense(pool_sequence(hidden_states, token_mask, self.strategy)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trunk shared by both families
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlueprintPreTrainedModel(PreTrainedModel):
+    config_class = BlueprintConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # Scaled token embeddings start at std d^-0.5 so that after the sqrt(d) scale they have unit variance,
+            # the magnitude of the sinusoidal table they are added to (as in tensor2tensor and fairseq).
+            is_scaled = self.config.scale_embeddings and module is self.get_input_embeddings()
+            init.normal_(module.weight, mean=0.0, std=self.config.hidden_size**-0.5 if is_scaled else std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, SinusoidalPositionalEncoding):
+            init.copy_(module.table, module.compute_table(module.num_positions, module.dim))
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.head_dim, module.theta))
+        elif isinstance(module, AlibiPositionalBias):
+            init.copy_(module.slopes, module.compute_slopes(module.num_heads))
+        elif isinstance(module, BlueprintForMaskedLM):
+            init.zeros_(module.lm_head.bias)
+
+
+class BlueprintModel(BlueprintPreTrainedModel):
+    """Embeddings, positional encoding, the stack of blocks, and the final norm of Pre-LN."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embedding_scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        position_type = config.position_embedding_type
+        self.embed_positions = None
+        if position_type == "sinusoidal":
+            self.embed_positions = SinusoidalPositionalEncoding(config.max_position_embeddings, config.hidden_size)
+        elif position_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config) if position_type == "rope" else None
+        self.alibi = AlibiPositionalBias(config.num_attention_heads) if position_type == "alibi" else None
+        self.embedding_norm = build_norm(config) if config.embedding_norm else None
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config) if config.norm_position == "pre" else None
+        self.pooler = Pooler(config) if config.add_pooling_layer else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | tuple:
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        use_cache = config.is_causal and (config.use_cache if use_cache is None else use_cache)
+        if not config.is_causal and cache is not None:
+            raise ValueError(f"{type(self).__name__} attends bidirectionally and keeps no cache; got `cache`.")
+
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
+        self._check_positions(position_ids)
+
+        hidden_states = self.embed(inputs_embeds, token_type_ids, position_ids)
+        attention_mask_2d = attention_mask
+        attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+        position_bias = self._alibi_bias(cache, past_length, seq_len, hidden_states) if self.alibi is not None else None
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                position_bias=position_bias,
+                cache=cache,
+                output_attentions=output_attentions,
+                **kwargs,
+            )
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        if config.is_causal:
+            output = BaseModelOutputWithPast(
+                last_hidden_state=hidden_states,
+                cache=cache if use_cache else None,
+                hidden_states=all_hidden_states,
+                attentions=all_attentions,
+            )
+        else:
+            pooler_mask = attention_mask_2d if attention_mask_2d is not None and attention_mask_2d.dim() == 2 else None
+            pooled = self.pooler(hidden_states, pooler_mask) if self.pooler is not None else None
+            output = BaseModelOutputWithPooling(
+                last_hidden_state=hidden_states,
+                pooler_output=pooled,
+                hidden_states=all_hidden_states,
+                attentions=all_attentions,
+            )
+        return output if return_dict else output.to_tuple()
+
+    def embed(self, inputs_embeds, token_type_ids, position_ids) -> torch.Tensor:
+        """Token embedding * sqrt(d_model) (+ token types) + positional encoding, then dropout."""
+        hidden_states = inputs_embeds * self.embedding_scale
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
+            hidden_states = hidden_states + self.token_type_embeddings(token_type_ids)
+        if self.embed_positions is not None:
+            hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
+        if self.embedding_norm is not None:
+            hidden_states = self.embedding_norm(hidden_states)
+        return self.dropout(hidden_states)
+
+    @staticmethod
+    def _default_position_ids(attention_mask, past_length, seq_len, device) -> torch.LongTensor:
+        """Positions count real tokens only, so a left-padded sequence gets the same positions as unpadded."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            positions = attention_mask.long().cumsum(-1) - 1
+            return positions.clamp_min(0)[:, -seq_len:]
+        return torch.arange(past_length, past_length + seq_len, device=device).unsqueeze(0)
+
+    def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids):
+        """The mask in the format of the configured attention implementation; None when nothing is masked."""
+        config = self.config
+        if config.is_causal:
+            build = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
+            return build(
+                config=config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+        build = create_bidirectional_mask if config.sliding_window is None else create_bidirectional_sliding_window_mask
+        return build(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+
+    def _alibi_bias(self, cache, past_length, seq_len, hidden_states) -> torch.Tensor:
+        implementation = self.config._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"position_embedding_type='alibi' adds a bias to the attention scores, which the "
+                f"'{implementation}' attention implementation cannot take; use attn_implementation='sdpa' or 'eager'."
+            )
+        # Key positions as the cache returns them (a sliding-window cache keeps only the most recent keys).
+        kv_length, kv_offset = cache.get_mask_sizes(seq_len, 0) if cache is not None else (seq_len, 0)
+        device = hidden_states.device
+        query_positions = torch.arange(past_length, past_length + seq_len, device=device)
+        key_positions = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+        return self.alibi(query_positions, key_positions, hidden_states.dtype)
+
+    # -- input checks: a clear error before any arithmetic, instead of an index error deep inside torch -----------
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids):
+        name = type(self).__name__
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{name}: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"{name}: `input_ids` must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"{name}: `input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
+        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if attention_mask.shape[0] != shape[0] or attention_mask.shape[1] < shape[1]:
+                raise ValueError(
+                    f"{name}: `attention_mask` has shape {tuple(attention_mask.shape)} but the inputs have shape "
+                    f"{shape}; expected (batch, past + sequence) = ({shape[0]}, >= {shape[1]})."
+                )
+        elif attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError(
+                f"{name}: `attention_mask` must be 2D (batch, sequence) or 4D (batch, 1, query, key), "
+                f"got shape {tuple(attention_mask.shape)}."
+            )
+        if token_type_ids is not None and tuple(token_type_ids.shape) != shape:
+            raise ValueError(f"{name}: `token_type_ids` has shape {tuple(token_type_ids.shape)}, expected {shape}.")
+        if is_torchdynamo_compiling():  # the value checks below need a device sync
+            return
+        if input_ids is not None and input_ids.numel() > 0:
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"{name}: `input_ids` must lie in [0, vocab_size={self.config.vocab_size}), found values from "
+                    f"{int(low)} to {int(high)}. Is the tokenizer's vocabulary larger than the model's?"
+                )
+        if token_type_ids is not None and token_type_ids.numel() > 0:
+            low, high = torch.aminmax(token_type_ids)
+            if low < 0 or high >= self.config.type_vocab_size:
+                raise ValueError(
+                    f"{name}: `token_type_ids` must lie in [0, type_vocab_size={self.config.type_vocab_size}), "
+                    f"found values from {int(low)} to {int(high)}."
+                )
+
+    def _check_positions(self, position_ids):
+        if self.embed_positions is None or is_torchdynamo_compiling() or position_ids.numel() == 0:
+            return
+        limit = self.config.max_position_embeddings
+        if int(position_ids.max()) >= limit:
+            raise ValueError(
+                f"{type(self).__name__}: position {int(position_ids.max())} is past max_position_embeddings={limit} "
+                f"of the '{self.config.position_embedding_type}' position table; truncate inputs to {limit} tokens "
+                f"or build the model with a larger max_position_embeddings."
+            )
+
+
+class BlueprintEncoderModel(BlueprintModel):
+    config_class = BlueprintEncoderConfig
+
+
+class BlueprintDecoderModel(BlueprintModel):
+    config_class = BlueprintDecoderConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationMixin):
+    """Decoder + linear + softmax over the vocabulary: next-token prediction and `generate()`."""
+
+    base_model_class = BlueprintDecoderModel
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # Generation only needs the last position's logits: skip the vocabulary projection for the others.
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class MaskedLMTransform(nn.Module):
+    """BERT's prediction-head transform before the vocabulary projection: dense + activation + norm."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.norm = build_norm(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act_fn(self.dense(hidden_states)))
+
+
+class BlueprintForMaskedLM(BlueprintPreTrainedModel):
+    """Encoder + transform + linear over the vocabulary, predicting the masked tokens."""
+
+    base_model_class = BlueprintEncoderModel
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.mlm_transform = MaskedLMTransform(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.lm_head(self.mlm_transform(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
+    """Pools the sequence (`config.classifier_pooling`: first / mean / last real token) and classifies it. With
+    `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT)."""
+
+    base_model_class = BlueprintModel
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        token_mask = self._token_mask(input_ids, attention_mask)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        if getattr(outputs, "pooler_output", None) is not None:
+            pooled = outputs.pooler_output
+        else:
+            pooled = pool_sequence(outputs.last_hidden_state, token_mask, self.config.classifier_pooling)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _token_mask(self, input_ids, attention_mask) -> torch.Tensor | None:
+        """Which positions hold real tokens: the 2D attention mask, else the non-pad ids (like GPT-2 and Llama)."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return attention_mask
+        if input_ids is not None and self.config.pad_token_id is not None:
+            return (input_ids != self.config.pad_token_id).long()
+        return None
+
+
+class BlueprintForTokenClassification(BlueprintPreTrainedModel):
+    """A classifier on every position (NER, tagging)."""
+
+    base_model_class = BlueprintEncoderModel
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two families: the same classes bound to their config and trunk
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlueprintEncoderForMaskedLM(BlueprintForMaskedLM):
+    config_class = BlueprintEncoderConfig
+
+
+class BlueprintEncoderForSequenceClassification(BlueprintForSequenceClassification):
+    config_class = BlueprintEncoderConfig
+    base_model_class = BlueprintEncoderModel
+
+
+class BlueprintEncoderForTokenClassification(BlueprintForTokenClassification):
+    config_class = BlueprintEncoderConfig
+
+
+class BlueprintDecoderForCausalLM(BlueprintForCausalLM):
+    config_class = BlueprintDecoderConfig
+
+
+class BlueprintDecoderForSequenceClassification(BlueprintForSequenceClassification):
+    config_class = BlueprintDecoderConfig
+    base_model_class = BlueprintDecoderModel
