@@ -41,8 +41,12 @@ def _register_with_auto_classes():
     for config_class, heads in families.items():
         # exist_ok: importing the package twice (or a remote-code copy of it) must not fail.
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        # register_for_auto_class makes save_pretrained copy the code files beside the weights (Hub remote code).
+        config_class.register_for_auto_class()
         for auto_class, model_class in heads.items():
             auto_class.register(config_class, model_class, exist_ok=True)
+            model_class.register_for_auto_class(auto_class.__name__)
+        assert set(config_class.family_auto_map) == {"AutoConfig", *(auto.__name__ for auto in heads)}
 
 
 _register_with_auto_classes()

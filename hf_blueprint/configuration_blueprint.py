@@ -138,8 +138,14 @@ class BlueprintConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
+    # Written into every saved config.json so that the folder loads through each Auto class with
+    # trust_remote_code=True on a machine without hf_blueprint (the code files are copied beside it).
+    family_auto_map: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self, **kwargs):
         self._check_fields()
+        if self.family_auto_map and not kwargs.get("auto_map"):
+            kwargs["auto_map"] = dict(self.family_auto_map)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -151,6 +157,14 @@ class BlueprintConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate_architecture()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BlueprintConfig":
+        """A named classic architecture (`list_presets()` shows them all), with any field overridden:
+        `BlueprintDecoderConfig.from_preset("gpt2", num_hidden_layers=6)`."""
+        from .presets import preset_fields
+
+        return cls(**{**preset_fields(name, cls.model_type), **overrides})
 
     # -- validation -------------------------------------------------------------------------------------------------
     # Each error names the field, the value given and what is allowed, before any module is built.
@@ -170,6 +184,11 @@ class BlueprintConfig(PretrainedConfig):
                 or self.type_vocab_size < 0:
             raise ValueError(f"{name}.type_vocab_size must be an integer >= 0 (0 disables token types), "
                              f"got {self.type_vocab_size!r}.")
+
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"{name}.pad_token_id must be None or an id in [0, vocab_size={self.vocab_size}), "
+                             f"got {pad!r}.")
 
         choices = {
             "position_embedding_type": POSITION_EMBEDDING_TYPES,
@@ -226,6 +245,13 @@ class BlueprintEncoderConfig(BlueprintConfig):
 
     model_type = "blueprint_encoder"
     is_causal: ClassVar[bool] = False
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_blueprint.BlueprintEncoderConfig",
+        "AutoModel": "modeling_blueprint.BlueprintEncoderModel",
+        "AutoModelForMaskedLM": "modeling_blueprint.BlueprintEncoderForMaskedLM",
+        "AutoModelForSequenceClassification": "modeling_blueprint.BlueprintEncoderForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_blueprint.BlueprintEncoderForTokenClassification",
+    }
 
 
 class BlueprintDecoderConfig(BlueprintConfig):
@@ -233,6 +259,12 @@ class BlueprintDecoderConfig(BlueprintConfig):
 
     model_type = "blueprint_decoder"
     is_causal: ClassVar[bool] = True
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_blueprint.BlueprintDecoderConfig",
+        "AutoModel": "modeling_blueprint.BlueprintDecoderModel",
+        "AutoModelForCausalLM": "modeling_blueprint.BlueprintDecoderForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_blueprint.BlueprintDecoderForSequenceClassification",
+    }
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
 
     classifier_pooling: str = "last"

@@ -1,0 +1,241 @@
+"""Hub sharing: saved folders are self-contained remote code that loads without hf_blueprint installed."""
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_blueprint
+from transformers import AutoConfig
+
+# The child process hides hf_blueprint before anything imports it, so only the copied code files can serve.
+CLEAN_ROOM_PRELUDE = "import sys; sys.modules['hf_blueprint'] = None\n"
+
+TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            hidden_dropout_prob=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
+FAMILIES = {
+    "encoder": hf_blueprint.BlueprintEncoderConfig(position_embedding_type="sinusoidal", type_vocab_size=2,
+                                                   add_pooling_layer=True, classifier_pooling="first", **TINY),
+    "decoder": hf_blueprint.BlueprintDecoderConfig(position_embedding_type="rope", norm_position="pre",
+                                                   norm_type="rmsnorm", ffn_type="glu", hidden_act="silu",
+                                                   num_key_value_heads=2, **TINY),
+}
+INPUT_IDS = torch.tensor([[1, 5, 9, 14, 20, 33], [1, 7, 7, 40, 2, 0]])
+ATTENTION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+
+
+def _main_output(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def saved_folders(tmp_path_factory):
+    """One folder per (family, Auto class of its auto_map), with the outputs the installed package computes."""
+    root = tmp_path_factory.mktemp("remote_code")
+    cases = []
+    for family, config in FAMILIES.items():
+        for auto_name, class_ref in config.auto_map.items():
+            if auto_name == "AutoConfig":
+                continue
+            model_class = getattr(hf_blueprint, class_ref.split(".")[-1])
+            torch.manual_seed(0)
+            model = model_class(config).eval()
+            folder = root / f"{family}-{auto_name}"
+            model.save_pretrained(folder)
+            with torch.no_grad():
+                expected = _main_output(model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK))
+            torch.save(expected, folder / "expected_output.pt")
+            case = {"folder": str(folder), "auto_class": auto_name, "config_class": config.auto_map["AutoConfig"]}
+            if auto_name == "AutoModelForCausalLM":
+                generated = model.generate(INPUT_IDS[:1], max_new_tokens=8, do_sample=False)
+                case["generated"] = generated.tolist()
+            cases.append(case)
+    return cases
+
+
+def test_every_saved_folder_carries_the_code_and_a_complete_auto_map(saved_folders):
+    expected_maps = {family: set(config.auto_map) for family, config in FAMILIES.items()}
+    for case in saved_folders:
+        folder = Path(case["folder"])
+        saved = json.loads((folder / "config.json").read_text())
+        family = folder.name.split("-")[0]
+        assert set(saved["auto_map"]) == expected_maps[family], folder.name
+        assert (folder / "modeling_blueprint.py").is_file() and (folder / "configuration_blueprint.py").is_file()
+        assert (folder / "model.safetensors").is_file() and not (folder / "pytorch_model.bin").exists()
+
+
+def test_clean_room_load_with_remote_code_matches_bitwise(saved_folders, tmp_path):
+    child = CLEAN_ROOM_PRELUDE + textwrap.dedent(
+        """
+        import json, torch, transformers
+        try:
+            import hf_blueprint
+            raise SystemExit("hf_blueprint is importable in the clean room")
+        except ImportError:
+            pass
+        cases = json.loads(sys.argv[1])
+        inputs = dict(input_ids=torch.tensor(%r), attention_mask=torch.tensor(%r))
+        report = []
+        for case in cases:
+            auto_class = getattr(transformers, case["auto_class"])
+            model = auto_class.from_pretrained(case["folder"], trust_remote_code=True).eval()
+            config = transformers.AutoConfig.from_pretrained(case["folder"], trust_remote_code=True)
+            with torch.no_grad():
+                output = model(**inputs)
+            output = output.logits if hasattr(output, "logits") else output.last_hidden_state
+            expected = torch.load(case["folder"] + "/expected_output.pt")
+            entry = {"folder": case["folder"], "module": type(model).__module__,
+                     "config_class": type(config).__name__, "equal": bool(torch.equal(output, expected))}
+            if "generated" in case:
+                entry["generated"] = model.generate(inputs["input_ids"][:1], max_new_tokens=8,
+                                                    do_sample=False).tolist()
+            report.append(entry)
+        print("REPORT" + json.dumps(report))
+        """ % (INPUT_IDS.tolist(), ATTENTION_MASK.tolist())
+    )
+    result = subprocess.run([sys.executable, "-c", child, json.dumps(saved_folders)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.split("REPORT", 1)[1])
+    assert len(report) == len(saved_folders)
+    for case, entry in zip(saved_folders, report):
+        assert entry["module"].startswith("transformers_modules."), entry  # the copied code ran, not the package
+        assert entry["config_class"] == case["config_class"].split(".")[-1]
+        assert entry["equal"], f"remote-code output differs for {entry['folder']}"
+        if "generated" in case:
+            assert entry["generated"] == case["generated"]
+
+
+def test_clean_room_load_without_trust_remote_code_fails_with_transformers_error(saved_folders, tmp_path):
+    folder = next(case["folder"] for case in saved_folders if case["auto_class"] == "AutoModelForCausalLM")
+    child = CLEAN_ROOM_PRELUDE + textwrap.dedent(
+        f"""
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({folder!r})
+        except ValueError as error:
+            print("ERROR:" + str(error))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300, stdin=subprocess.DEVNULL)
+    assert "ERROR:" in result.stdout, result.stderr[-2000:]
+    message = result.stdout.split("ERROR:", 1)[1]
+    assert "trust_remote_code=True" in message
+    assert "modeling_blueprint" not in result.stderr  # not a traceback from inside our code
+
+
+def test_installed_package_takes_precedence_over_remote_code(saved_folders):
+    folder = saved_folders[0]["folder"]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__module__ == "hf_blueprint.configuration_blueprint"
+
+
+# Network and process access is excluded by the module list; these catch code execution and file writes.
+FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "system", "popen", "urlopen", "remove", "unlink",
+                   "rmtree", "write_text", "write_bytes", "mkdir", "rename"}
+FORBIDDEN_MODULES = {"os", "subprocess", "socket", "urllib", "requests", "httpx", "shutil", "pickle", "pathlib",
+                     "huggingface_hub", "importlib", "ctypes"}
+
+
+@pytest.mark.parametrize("filename", ["configuration_blueprint.py", "modeling_blueprint.py", "presets.py"])
+def test_remote_code_files_import_only_torch_transformers_and_siblings(filename, saved_folders):
+    """The files a Hub user executes with trust_remote_code: no network, subprocess, eval/exec or file writes."""
+    folder = Path(saved_folders[0]["folder"])
+    copied = sorted(path.name for path in folder.glob("*.py"))
+    assert filename in copied
+    tree = ast.parse((folder / filename).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] in {"torch", "transformers", "math", "collections", "typing"}, \
+                    alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                root = node.module.split(".")[0]
+                assert root in {"torch", "transformers", "math", "collections", "typing"}, node.module
+                assert root not in FORBIDDEN_MODULES
+            else:
+                assert node.level == 1 and (folder / f"{node.module}.py").is_file(), node.module
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            assert name not in FORBIDDEN_CALLS, f"{filename}:{node.lineno} calls {name}"
+
+
+# -- push/pull round trip over HTTP against tests/hub_server.py ------------------------------------------------------
+# Xet uploads need Hugging Face's token service, which no local server can offer: the Xet path cannot be exercised
+# offline, so the two modes tested are "regular" (base64 inside the commit) and "lfs" (with HF_HUB_DISABLE_XET=1).
+
+PUSH_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch, hf_blueprint
+    config = hf_blueprint.BlueprintDecoderConfig(**json.loads(sys.argv[1]))
+    torch.manual_seed(0)
+    model = hf_blueprint.BlueprintDecoderForCausalLM(config).eval()
+    model.push_to_hub("tester/tiny-blueprint", commit_message="push from test")
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 14]])).logits
+    torch.save(logits, sys.argv[2])
+    """
+)
+PULL_SCRIPT = CLEAN_ROOM_PRELUDE + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("tester/tiny-blueprint", trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 14]])).logits
+    print("EQUAL" if torch.equal(logits, torch.load(sys.argv[1])) else "DIFFERENT")
+    """
+)
+
+
+def hub_environment(url: str, home: Path, upload_mode: str) -> dict:
+    import os
+
+    env = dict(os.environ, HF_ENDPOINT=url, HF_TOKEN="hf_test_dummy", HF_HOME=str(home),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               HF_HUB_OFFLINE="0")  # the suite runs offline; this server is the one reachable Hub
+    if upload_mode == "lfs":
+        env["HF_HUB_DISABLE_XET"] = "1"
+    return env
+
+
+@pytest.fixture
+def hub(request):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_server import serve
+
+    server, state = serve(request.param)
+    yield f"http://127.0.0.1:{server.server_address[1]}", state, request.param
+    server.shutdown()
+
+
+@pytest.mark.parametrize("hub", ["regular", "lfs"], indirect=True)
+def test_push_to_hub_then_clean_room_pull_gives_equal_logits(hub, tmp_path):
+    url, state, upload_mode = hub
+    config = {key: value for key, value in FAMILIES["decoder"].to_diff_dict().items()
+              if key in FAMILIES["decoder"].__dataclass_fields__ and key != "transformers_version"}
+    expected = tmp_path / "expected.pt"
+    env = hub_environment(url, tmp_path / "push_home", upload_mode)
+    pushed = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, json.dumps(config), str(expected)],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+
+    repo = state.repos["tester/tiny-blueprint"]
+    assert {"config.json", "model.safetensors", "modeling_blueprint.py", "configuration_blueprint.py"} <= set(
+        repo["files"])
+    if upload_mode == "lfs":
+        assert state.lfs_objects, "the LFS mode uploaded no object through the batch API"
+
+    env = hub_environment(url, tmp_path / "pull_home", upload_mode)  # an empty cache: a real download
+    pulled = subprocess.run([sys.executable, "-c", PULL_SCRIPT, str(expected)], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert "EQUAL" in pulled.stdout
