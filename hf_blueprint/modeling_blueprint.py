@@ -42,6 +42,8 @@ try:  # internal to transformers: signatures move between minor versions (GUIDE 
         create_bidirectional_sliding_window_mask,
         create_causal_mask,
         create_sliding_window_causal_mask,
+        find_packed_sequence_indices,
+        packed_sequence_mask_function,
     )
 except ImportError as error:  # pragma: no cover - depends on the installed transformers
     raise ImportError(
@@ -158,8 +160,10 @@ class AlibiPositionalBias(nn.Module):
         return torch.tensor(slopes, dtype=torch.float32)
 
     def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        distance = (query_positions[:, None] - key_positions[None, :]).abs().float()
-        return (-self.slopes[:, None, None] * distance).unsqueeze(0).to(dtype)  # (1, heads, q, k)
+        """Positions of shape (q,) and (k,), or (batch, q) and (batch, k); returns (1 or batch, heads, q, k)."""
+        distance = (query_positions[..., :, None] - key_positions[..., None, :]).abs().float()
+        bias = -self.slopes[:, None, None] * distance.unsqueeze(-3)
+        return (bias if bias.dim() == 4 else bias.unsqueeze(0)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -493,6 +497,12 @@ class BlueprintModel(BlueprintPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
+        # Padding-free batches (transformers' DataCollatorWithFlattening) put several sequences in one row, told
+        # apart only by position_ids restarting at 0. They get a block-diagonal mask and no cache.
+        packed_sequences = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            packed_sequences = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+        use_cache = use_cache and packed_sequences is None
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -502,9 +512,11 @@ class BlueprintModel(BlueprintPreTrainedModel):
 
         hidden_states = self.embed(inputs_embeds, token_type_ids, position_ids)
         attention_mask_2d = attention_mask
-        attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids)
+        attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids, packed_sequences)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
-        position_bias = self._alibi_bias(cache, past_length, seq_len, hidden_states) if self.alibi is not None else None
+        position_bias = None
+        if self.alibi is not None:
+            position_bias = self._alibi_bias(cache, past_length, position_ids, hidden_states)
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -566,7 +578,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
             return positions.clamp_min(0)[:, -seq_len:]
         return torch.arange(past_length, past_length + seq_len, device=device).unsqueeze(0)
 
-    def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids):
+    def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
         """The mask in the format of the configured attention implementation; None when nothing is masked."""
         config = self.config
         if config.is_causal:
@@ -578,18 +590,27 @@ class BlueprintModel(BlueprintPreTrainedModel):
                 cache=cache,
                 position_ids=position_ids,
             )
+        # The causal builders detect packed rows from position_ids themselves; the bidirectional ones need telling.
+        same_sequence = packed_sequence_mask_function(packed_sequences) if packed_sequences is not None else None
         build = create_bidirectional_mask if config.sliding_window is None else create_bidirectional_sliding_window_mask
-        return build(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        return build(
+            config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, and_mask_function=same_sequence
+        )
 
-    def _alibi_bias(self, cache, past_length, seq_len, hidden_states) -> torch.Tensor:
+    def _alibi_bias(self, cache, past_length, position_ids, hidden_states) -> torch.Tensor:
         implementation = self.config._attn_implementation
         if implementation not in ("eager", "sdpa"):
             raise ValueError(
                 f"position_embedding_type='alibi' adds a bias to the attention scores, which the "
                 f"'{implementation}' attention implementation cannot take; use attn_implementation='sdpa' or 'eager'."
             )
-        # Key positions as the cache returns them (a sliding-window cache keeps only the most recent keys).
-        kv_length, kv_offset = cache.get_mask_sizes(seq_len, 0) if cache is not None else (seq_len, 0)
+        if cache is None:
+            # Distances between the tokens' own positions: right for padded and for packed rows alike.
+            positions = position_ids.expand(hidden_states.shape[0], -1)
+            return self.alibi(positions, positions, hidden_states.dtype)
+        # With a cache, key positions as the cache returns them (a sliding-window cache keeps only the latest keys).
+        seq_len = hidden_states.shape[1]
+        kv_length, kv_offset = cache.get_mask_sizes(seq_len, 0)
         device = hidden_states.device
         query_positions = torch.arange(past_length, past_length + seq_len, device=device)
         key_positions = torch.arange(kv_offset, kv_offset + kv_length, device=device)
