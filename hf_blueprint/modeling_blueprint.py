@@ -410,6 +410,7 @@ class BlueprintPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tests/test_compile.py: training step and static-cache generation, fullgraph
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
@@ -516,7 +517,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
         position_bias = None
         if self.alibi is not None:
-            position_bias = self._alibi_bias(cache, past_length, position_ids, hidden_states)
+            position_bias = self._alibi_bias(cache, position_ids, hidden_states)
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -597,7 +598,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
             config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, and_mask_function=same_sequence
         )
 
-    def _alibi_bias(self, cache, past_length, position_ids, hidden_states) -> torch.Tensor:
+    def _alibi_bias(self, cache, position_ids, hidden_states) -> torch.Tensor:
         implementation = self.config._attn_implementation
         if implementation not in ("eager", "sdpa"):
             raise ValueError(
@@ -608,12 +609,13 @@ class BlueprintModel(BlueprintPreTrainedModel):
             # Distances between the tokens' own positions: right for padded and for packed rows alike.
             positions = position_ids.expand(hidden_states.shape[0], -1)
             return self.alibi(positions, positions, hidden_states.dtype)
-        # With a cache, key positions as the cache returns them (a sliding-window cache keeps only the latest keys).
+        # With a cache, key positions as the cache returns them (a sliding-window cache keeps only the latest keys),
+        # taken from the cache's own offsets as the mask builders do (a tensor for static caches: no graph break).
         seq_len = hidden_states.shape[1]
         kv_length, kv_offset = cache.get_mask_sizes(seq_len, 0)
         device = hidden_states.device
-        query_positions = torch.arange(past_length, past_length + seq_len, device=device)
-        key_positions = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+        query_positions = torch.arange(seq_len, device=device) + cache.get_query_offset(0)
+        key_positions = torch.arange(kv_length, device=device) + kv_offset
         return self.alibi(query_positions, key_positions, hidden_states.dtype)
 
     # -- input checks: a clear error before any arithmetic, instead of an index error deep inside torch -----------
