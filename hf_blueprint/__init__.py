@@ -1,6 +1,11 @@
 """hf_blueprint: the Transformer of "The Transformer Blueprint" as first-class Hugging Face models."""
 
-from .configuration_blueprint import BlueprintConfig, BlueprintDecoderConfig, BlueprintEncoderConfig
+from .configuration_blueprint import (
+    BlueprintConfig,
+    BlueprintDecoderConfig,
+    BlueprintEncoderConfig,
+    BlueprintSeq2SeqConfig,
+)
 
 __version__ = "0.1.0"
 from .modeling_blueprint import (
@@ -11,7 +16,9 @@ from .modeling_blueprint import (
     BlueprintEncoderForSequenceClassification,
     BlueprintEncoderForTokenClassification,
     BlueprintEncoderModel,
+    BlueprintForConditionalGeneration,
     BlueprintPreTrainedModel,
+    BlueprintSeq2SeqModel,
 )
 
 
@@ -21,6 +28,7 @@ def _register_with_auto_classes():
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoModelForTokenClassification,
     )
@@ -36,6 +44,10 @@ def _register_with_auto_classes():
             AutoModel: BlueprintDecoderModel,
             AutoModelForCausalLM: BlueprintDecoderForCausalLM,
             AutoModelForSequenceClassification: BlueprintDecoderForSequenceClassification,
+        },
+        BlueprintSeq2SeqConfig: {
+            AutoModel: BlueprintSeq2SeqModel,
+            AutoModelForSeq2SeqLM: BlueprintForConditionalGeneration,
         },
     }
     for config_class, heads in families.items():

@@ -5,8 +5,9 @@ switch; the defaults reproduce the base model of "Attention Is All You Need" (Va
 d_model 512, 8 heads, d_ff 2048, Post-LN, sinusoidal positions, ReLU, dropout 0.1, embeddings scaled by
 sqrt(d_model) and tied with the output projection.
 
-`BlueprintEncoderConfig` (bidirectional attention) and `BlueprintDecoderConfig` (causal attention) share all of
-them; they differ only in `is_causal` and a few head defaults.
+`BlueprintEncoderConfig` (bidirectional attention), `BlueprintDecoderConfig` (causal attention) and
+`BlueprintSeq2SeqConfig` (the paper's encoder-decoder) share all of them; they differ only in `is_causal`, a few
+head defaults, and the encoder-decoder's decoder depth and start token.
 
 This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
 """
@@ -269,3 +270,45 @@ class BlueprintDecoderConfig(BlueprintConfig):
 
     classifier_pooling: str = "last"
     use_cache: bool = True
+
+
+class BlueprintSeq2SeqConfig(BlueprintConfig):
+    """The full Transformer of the paper: a bidirectional encoder and a causal decoder whose blocks add
+    cross-attention over the encoder output.
+
+    Every switch above applies to both stacks. In addition:
+        num_hidden_layers: depth of the encoder.
+        decoder_layers: depth of the decoder (`None`: the same as the encoder). BART's name, which transformers'
+            generation reads to size the decoder's caches.
+        tie_word_embeddings: share one matrix between the source embeddings, the target embeddings and the
+            pre-softmax projection (the paper, with its shared source/target BPE vocabulary); `False` gives the
+            source, target and output layers their own matrices.
+        decoder_start_token_id: the token the decoder starts from; labels are shifted right behind it.
+    """
+
+    model_type = "blueprint_seq2seq"
+    is_causal: ClassVar[bool] = True  # the decoder's self-attention, which transformers' mask builders ask about
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "encoder_last_hidden_state"]
+    family_auto_map: ClassVar[dict[str, str]] = {
+        "AutoConfig": "configuration_blueprint.BlueprintSeq2SeqConfig",
+        "AutoModel": "modeling_blueprint.BlueprintSeq2SeqModel",
+        "AutoModelForSeq2SeqLM": "modeling_blueprint.BlueprintForConditionalGeneration",
+    }
+
+    decoder_layers: int | None = None
+    decoder_start_token_id: int | None = None
+    is_encoder_decoder: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        if self.decoder_layers is None:
+            self.decoder_layers = self.num_hidden_layers
+        value = self.decoder_layers
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(self).__name__}.decoder_layers must be a positive integer, got {value!r}.")
+        start = self.decoder_start_token_id
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int)
+                                  or not 0 <= start < self.vocab_size):
+            raise ValueError(f"{type(self).__name__}.decoder_start_token_id must be None or an id in "
+                             f"[0, vocab_size={self.vocab_size}), got {start!r}.")
+        super().__post_init__(**kwargs)

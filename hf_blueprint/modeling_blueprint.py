@@ -21,20 +21,29 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BaseModelOutput,
     BaseModelOutputWithPast,
+    BaseModelOutputWithPastAndCrossAttentions,
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
     MaskedLMOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.utils import ModelOutput, is_torchdynamo_compiling
 
-from .configuration_blueprint import BlueprintConfig, BlueprintDecoderConfig, BlueprintEncoderConfig
+from .configuration_blueprint import (
+    BlueprintConfig,
+    BlueprintDecoderConfig,
+    BlueprintEncoderConfig,
+    BlueprintSeq2SeqConfig,
+)
 
 try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
     from transformers.masking_utils import (
@@ -218,14 +227,17 @@ def eager_attention_forward(
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
-    With fewer key/value heads than query heads this is grouped-query (or multi-query) attention. The score
-    computation itself goes through transformers' attention interface (eager, sdpa, flash, flex)."""
+    Self-attention takes Q, K and V from the same sequence; cross-attention (the encoder-decoder's second
+    sub-layer) takes Q from the decoder and K, V from the encoder output. With fewer key/value heads than query
+    heads this is grouped-query (or multi-query) attention. The score computation itself goes through
+    transformers' attention interface (eager, sdpa, flash, flex)."""
 
-    def __init__(self, config: BlueprintConfig, layer_idx: int):
+    def __init__(self, config: BlueprintConfig, layer_idx: int, is_causal: bool, is_cross_attention: bool = False):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.is_causal = config.is_causal  # read by the sdpa and flash integrations
+        self.is_causal = is_causal and not is_cross_attention  # read by the sdpa and flash integrations
+        self.is_cross_attention = is_cross_attention
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
@@ -247,18 +259,22 @@ class MultiHeadAttention(nn.Module):
         position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        key_value_states: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        if position_embeddings is not None:
-            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if self.is_cross_attention:
+            key, value = self._cross_attention_key_value(key_value_states, cache)
+        else:
+            key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+            if position_embeddings is not None:
+                query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
 
         implementation = self.config._attn_implementation
         if output_attentions or implementation == "eager":
@@ -281,6 +297,19 @@ class MultiHeadAttention(nn.Module):
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
+
+    def _cross_attention_key_value(self, encoder_states, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoder output: projected once, then read from the cache at every decoding step."""
+        if isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer.keys, layer.values
+        shape = (*encoder_states.shape[:-1], -1, self.head_dim)
+        key = self.k_proj(encoder_states).view(shape).transpose(1, 2)
+        value = self.v_proj(encoder_states).view(shape).transpose(1, 2)
+        if isinstance(cache, EncoderDecoderCache):
+            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
+        return key, value
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,17 +344,27 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(GradientCheckpointingLayer):
-    """x = x + Dropout(Attention(x)); x = x + Dropout(FFN(x)), each normalized after the add (Post-LN:
-    LayerNorm(x + Sublayer(x)), the paper) or each sub-layer's input normalized (Pre-LN: x + Sublayer(Norm(x)))."""
+    """Residual sub-layers: self-attention, then (in the encoder-decoder's decoder) cross-attention over the
+    encoder output, then the feed-forward network. Each is wrapped as LayerNorm(x + Dropout(Sublayer(x))) in
+    Post-LN (the paper) or as x + Dropout(Sublayer(Norm(x))) in Pre-LN."""
 
-    def __init__(self, config: BlueprintConfig, layer_idx: int):
+    def __init__(self, config: BlueprintConfig, layer_idx: int, is_causal: bool, has_cross_attention: bool = False):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.self_attn = MultiHeadAttention(config, layer_idx)
+        self.self_attn = MultiHeadAttention(config, layer_idx, is_causal)
         self.self_attn_norm = build_norm(config)
+        self.cross_attn = MultiHeadAttention(config, layer_idx, is_causal, True) if has_cross_attention else None
+        self.cross_attn_norm = build_norm(config) if has_cross_attention else None
         self.mlp = FeedForward(config)
         self.mlp_norm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def sublayer_input(self, hidden_states: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return norm(hidden_states) if self.pre_norm else hidden_states
+
+    def add_residual(self, residual: torch.Tensor, sublayer_output: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        hidden_states = residual + self.dropout(sublayer_output)
+        return hidden_states if self.pre_norm else norm(hidden_states)
 
     def forward(
         self,
@@ -335,13 +374,12 @@ class TransformerBlock(GradientCheckpointingLayer):
         position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        residual = hidden_states
-        if self.pre_norm:
-            hidden_states = self.self_attn_norm(hidden_states)
-        hidden_states, attn_weights = self.self_attn(
-            hidden_states,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attn_output, self_attn_weights = self.self_attn(
+            self.sublayer_input(hidden_states, self.self_attn_norm),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             position_bias=position_bias,
@@ -349,17 +387,23 @@ class TransformerBlock(GradientCheckpointingLayer):
             output_attentions=output_attentions,
             **kwargs,
         )
-        hidden_states = residual + self.dropout(hidden_states)
-        if not self.pre_norm:
-            hidden_states = self.self_attn_norm(hidden_states)
+        hidden_states = self.add_residual(hidden_states, attn_output, self.self_attn_norm)
 
-        residual = hidden_states
-        if self.pre_norm:
-            hidden_states = self.mlp_norm(hidden_states)
-        hidden_states = residual + self.dropout(self.mlp(hidden_states))
-        if not self.pre_norm:
-            hidden_states = self.mlp_norm(hidden_states)
-        return hidden_states, attn_weights
+        cross_attn_weights = None
+        if self.cross_attn is not None:
+            attn_output, cross_attn_weights = self.cross_attn(
+                self.sublayer_input(hidden_states, self.cross_attn_norm),
+                attention_mask=encoder_attention_mask,
+                cache=cache,
+                output_attentions=output_attentions,
+                key_value_states=encoder_hidden_states,
+                **kwargs,
+            )
+            hidden_states = self.add_residual(hidden_states, attn_output, self.cross_attn_norm)
+
+        mlp_output = self.mlp(self.sublayer_input(hidden_states, self.mlp_norm))
+        hidden_states = self.add_residual(hidden_states, mlp_output, self.mlp_norm)
+        return hidden_states, self_attn_weights, cross_attn_weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -440,10 +484,21 @@ class BlueprintPreTrainedModel(PreTrainedModel):
 
 
 class BlueprintModel(BlueprintPreTrainedModel):
-    """Embeddings, positional encoding, the stack of blocks, and the final norm of Pre-LN."""
+    """Embeddings, positional encoding, the stack of blocks, and the final norm of Pre-LN.
 
-    def __init__(self, config: BlueprintConfig):
+    Causal or bidirectional comes from the config of the family (`config.is_causal`); the encoder-decoder builds
+    one stack of each kind explicitly, the decoder one with cross-attention and its own depth."""
+
+    def __init__(
+        self,
+        config: BlueprintConfig,
+        is_causal: bool | None = None,
+        has_cross_attention: bool = False,
+        num_layers: int | None = None,
+    ):
         super().__init__(config)
+        self.is_causal = config.is_causal if is_causal is None else is_causal
+        self.has_cross_attention = has_cross_attention
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embedding_scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
         self.token_type_embeddings = (
@@ -460,7 +515,10 @@ class BlueprintModel(BlueprintPreTrainedModel):
         self.embedding_norm = build_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, i, self.is_causal, has_cross_attention) for i in range(num_layers)
+        )
         self.norm = build_norm(config) if config.norm_position == "pre" else None
         self.pooler = Pooler(config) if config.add_pooling_layer else None
         self.gradient_checkpointing = False
@@ -484,15 +542,19 @@ class BlueprintModel(BlueprintPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | BaseModelOutputWithPastAndCrossAttentions | tuple:
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
-        use_cache = config.is_causal and (config.use_cache if use_cache is None else use_cache)
-        if not config.is_causal and cache is not None:
+        use_cache = self.is_causal and (config.use_cache if use_cache is None else use_cache)
+        if not self.is_causal and cache is not None:
             raise ValueError(f"{type(self).__name__} attends bidirectionally and keeps no cache; got `cache`.")
+        if self.has_cross_attention and encoder_hidden_states is None:
+            raise ValueError(f"{type(self).__name__}: this decoder attends over an encoder; pass `encoder_hidden_states`.")
 
         self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids)
         if inputs_embeds is None:
@@ -505,7 +567,10 @@ class BlueprintModel(BlueprintPreTrainedModel):
             packed_sequences = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
         use_cache = use_cache and packed_sequences is None
         if use_cache and cache is None:
-            cache = DynamicCache(config=config)
+            decoder_config = config.get_text_config(decoder=True)  # sized for this stack's depth
+            cache = DynamicCache(config=decoder_config)
+            if self.has_cross_attention:
+                cache = EncoderDecoderCache(cache, DynamicCache(config=decoder_config))
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
@@ -518,29 +583,49 @@ class BlueprintModel(BlueprintPreTrainedModel):
         position_bias = None
         if self.alibi is not None:
             position_bias = self._alibi_bias(cache, position_ids, hidden_states)
+        if self.has_cross_attention:
+            encoder_attention_mask = create_bidirectional_mask(
+                config=config,
+                inputs_embeds=hidden_states,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions and self.has_cross_attention else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = layer(
+            hidden_states, attn_weights, cross_attn_weights = layer(
                 hidden_states,
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_bias=position_bias,
                 cache=cache,
                 output_attentions=output_attentions,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
                 **kwargs,
             )
             if output_attentions:
                 all_attentions += (attn_weights,)
+            if all_cross_attentions is not None:
+                all_cross_attentions += (cross_attn_weights,)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        if config.is_causal:
+        if self.has_cross_attention:
+            output = BaseModelOutputWithPastAndCrossAttentions(
+                last_hidden_state=hidden_states,
+                cache=cache if use_cache else None,
+                hidden_states=all_hidden_states,
+                attentions=all_attentions,
+                cross_attentions=all_cross_attentions,
+            )
+        elif self.is_causal:
             output = BaseModelOutputWithPast(
                 last_hidden_state=hidden_states,
                 cache=cache if use_cache else None,
@@ -582,7 +667,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
     def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
         """The mask in the format of the configured attention implementation; None when nothing is masked."""
         config = self.config
-        if config.is_causal:
+        if self.is_causal:
             build = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
             return build(
                 config=config,
@@ -927,6 +1012,203 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
             loss = self.loss_function(logits, labels, self.config)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The encoder-decoder of the paper
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int) -> torch.Tensor:
+    """Teacher forcing: the decoder reads the target shifted right behind the start token and predicts `labels`."""
+    shifted = labels.new_full(labels.shape, decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    if pad_token_id is not None:
+        shifted = shifted.masked_fill(shifted == -100, pad_token_id)  # ignored label positions read as padding
+    return shifted
+
+
+class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
+    """Encoder (bidirectional) and decoder (causal, with cross-attention over the encoder output)."""
+
+    config_class = BlueprintSeq2SeqConfig
+    _tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+
+    def __init__(self, config: BlueprintSeq2SeqConfig):
+        super().__init__(config)
+        self.encoder = BlueprintModel(config, is_causal=False)
+        self.decoder = BlueprintModel(
+            config, is_causal=True, has_cross_attention=True, num_layers=config.decoder_layers
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.encoder.embed_tokens = value
+        if self.config.tie_word_embeddings:
+            self.decoder.embed_tokens = value
+
+    def get_encoder(self) -> BlueprintModel:
+        return self.encoder
+
+    def get_decoder(self) -> BlueprintModel:
+        return self.decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, ModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids,
+            inputs_embeds=decoder_inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            **kwargs,
+        )
+        output = Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationMixin):
+    """The encoder-decoder with the linear + softmax head: translation, summarization, `generate()`."""
+
+    config_class = BlueprintSeq2SeqConfig
+    _tied_weights_keys = {
+        "lm_head.weight": "model.encoder.embed_tokens.weight",
+        "model.decoder.embed_tokens.weight": "model.encoder.embed_tokens.weight",
+    }
+
+    def __init__(self, config: BlueprintSeq2SeqConfig):
+        super().__init__(config)
+        self.model = BlueprintSeq2SeqModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    def get_encoder(self) -> BlueprintModel:
+        return self.model.encoder
+
+    def get_decoder(self) -> BlueprintModel:
+        return self.model.decoder
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Used by DataCollatorForSeq2Seq to build `decoder_input_ids` in the collator."""
+        return shift_tokens_right(labels, self.config.pad_token_id, self._decoder_start_token_id())
+
+    def _decoder_start_token_id(self) -> int:
+        start = self.config.decoder_start_token_id
+        if start is None:
+            start = self.config.bos_token_id
+        if start is None:
+            raise ValueError(
+                f"{type(self).__name__}: training from `labels` needs config.decoder_start_token_id (or "
+                f"bos_token_id) to shift the labels into decoder inputs; both are None."
+            )
+        return start
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_position_ids=decoder_position_ids,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            # Labels are already aligned with the decoder outputs (the shift happened on the input side).
+            loss = nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
+            )
+        output = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -24,6 +24,8 @@ FAMILIES = {
     "decoder": hf_blueprint.BlueprintDecoderConfig(position_embedding_type="rope", norm_position="pre",
                                                    norm_type="rmsnorm", ffn_type="glu", hidden_act="silu",
                                                    num_key_value_heads=2, **TINY),
+    "seq2seq": hf_blueprint.BlueprintSeq2SeqConfig(position_embedding_type="alibi", decoder_layers=3,
+                                                   decoder_start_token_id=1, **TINY),
 }
 INPUT_IDS = torch.tensor([[1, 5, 9, 14, 20, 33], [1, 7, 7, 40, 2, 0]])
 ATTENTION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
@@ -31,6 +33,13 @@ ATTENTION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
 
 def _main_output(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _model_inputs(config) -> dict:
+    inputs = dict(input_ids=INPUT_IDS.tolist(), attention_mask=ATTENTION_MASK.tolist())
+    if config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = INPUT_IDS[:, :4].tolist()
+    return inputs
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +56,13 @@ def saved_folders(tmp_path_factory):
             model = model_class(config).eval()
             folder = root / f"{family}-{auto_name}"
             model.save_pretrained(folder)
+            inputs = _model_inputs(config)
             with torch.no_grad():
-                expected = _main_output(model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK))
+                expected = _main_output(model(**{key: torch.tensor(value) for key, value in inputs.items()}))
             torch.save(expected, folder / "expected_output.pt")
-            case = {"folder": str(folder), "auto_class": auto_name, "config_class": config.auto_map["AutoConfig"]}
-            if auto_name == "AutoModelForCausalLM":
+            case = {"folder": str(folder), "auto_class": auto_name, "config_class": config.auto_map["AutoConfig"],
+                    "inputs": inputs}
+            if auto_name in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM"):
                 generated = model.generate(INPUT_IDS[:1], max_new_tokens=8, do_sample=False)
                 case["generated"] = generated.tolist()
             cases.append(case)
@@ -79,9 +90,9 @@ def test_clean_room_load_with_remote_code_matches_bitwise(saved_folders, tmp_pat
         except ImportError:
             pass
         cases = json.loads(sys.argv[1])
-        inputs = dict(input_ids=torch.tensor(%r), attention_mask=torch.tensor(%r))
         report = []
         for case in cases:
+            inputs = {key: torch.tensor(value) for key, value in case["inputs"].items()}
             auto_class = getattr(transformers, case["auto_class"])
             model = auto_class.from_pretrained(case["folder"], trust_remote_code=True).eval()
             config = transformers.AutoConfig.from_pretrained(case["folder"], trust_remote_code=True)
@@ -96,7 +107,7 @@ def test_clean_room_load_with_remote_code_matches_bitwise(saved_folders, tmp_pat
                                                     do_sample=False).tolist()
             report.append(entry)
         print("REPORT" + json.dumps(report))
-        """ % (INPUT_IDS.tolist(), ATTENTION_MASK.tolist())
+        """
     )
     result = subprocess.run([sys.executable, "-c", child, json.dumps(saved_folders)], capture_output=True,
                             text=True, cwd=tmp_path, timeout=300)
