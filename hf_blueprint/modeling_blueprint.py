@@ -412,19 +412,23 @@ class TransformerBlock(GradientCheckpointingLayer):
 
 
 def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, strategy: str) -> torch.Tensor:
-    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` token, the `mean` of real tokens, or the `last`
-    real token (found from the mask, so left and right padding both work)."""
-    if strategy == "first":
-        return hidden_states[:, 0]
+    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` real token ([CLS]), the `mean` of real tokens, or
+    the `last` real token. Real tokens come from the mask, so left and right padding both work."""
     if token_mask is None:
-        return hidden_states.mean(dim=1) if strategy == "mean" else hidden_states[:, -1]
-    token_mask = token_mask.to(hidden_states.dtype)
+        if strategy == "mean":
+            return hidden_states.mean(dim=1)
+        return hidden_states[:, 0] if strategy == "first" else hidden_states[:, -1]
     if strategy == "mean":
+        token_mask = token_mask.to(hidden_states.dtype)
         summed = (hidden_states * token_mask[..., None]).sum(dim=1)
         return summed / token_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-    positions = torch.arange(token_mask.shape[1], device=hidden_states.device)
-    last = (positions * token_mask).argmax(dim=-1)
-    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+    is_real = token_mask.long()  # integer arithmetic: bf16 cannot count past 256
+    positions = torch.arange(is_real.shape[1], device=hidden_states.device)
+    if strategy == "first":  # the real token with the largest score (seq - position) is the first one
+        index = ((is_real.shape[1] - positions) * is_real).argmax(dim=-1)
+    else:
+        index = (positions * is_real).argmax(dim=-1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), index]
 
 
 class Pooler(nn.Module):
@@ -572,6 +576,11 @@ class BlueprintModel(BlueprintPreTrainedModel):
             if self.has_cross_attention:
                 cache = EncoderDecoderCache(cache, DynamicCache(config=decoder_config))
         past_length = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
+            raise ValueError(
+                f"{type(self).__name__}: `attention_mask` covers {attention_mask.shape[1]} positions, expected "
+                f"past ({past_length}) + sequence ({seq_len}) = {past_length + seq_len}."
+            )
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
         self._check_positions(position_ids)
@@ -716,10 +725,10 @@ class BlueprintModel(BlueprintPreTrainedModel):
                 raise ValueError(f"{name}: `input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
         if attention_mask is not None and attention_mask.dim() == 2:
-            if attention_mask.shape[0] != shape[0] or attention_mask.shape[1] < shape[1]:
+            if attention_mask.shape[0] != shape[0]:
                 raise ValueError(
                     f"{name}: `attention_mask` has shape {tuple(attention_mask.shape)} but the inputs have shape "
-                    f"{shape}; expected (batch, past + sequence) = ({shape[0]}, >= {shape[1]})."
+                    f"{shape}; the batch sizes differ."
                 )
         elif attention_mask is not None and attention_mask.dim() != 4:
             raise ValueError(
