@@ -486,6 +486,24 @@ class BlueprintPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BlueprintForMaskedLM):
             init.zeros_(module.lm_head.bias)
 
+    def _has_targets(self, logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> bool:
+        """Check that there is one label per token, and whether any is scored (not -100; after the shift of next-
+        token prediction). With none, heads return a loss of 0 (with a graph) instead of the NaN of an empty mean, so
+        a batch with nothing to predict neither poisons a running average nor the weights."""
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"{type(self).__name__}: `labels` has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}"
+                f" (one label per token; -100 marks tokens to ignore)."
+            )
+        if is_torchdynamo_compiling():
+            return True
+        scored = labels[..., 1:] if shifted else labels
+        return bool((scored != -100).any())
+
+    @staticmethod
+    def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
+        return logits.sum() * 0.0 + 0.0  # connected to the graph, so backward() works; + 0.0 turns -0.0 into 0.0
+
 
 class BlueprintModel(BlueprintPreTrainedModel):
     """Embeddings, positional encoding, the stack of blocks, and the final norm of Pre-LN.
@@ -724,6 +742,9 @@ class BlueprintModel(BlueprintPreTrainedModel):
             if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
                 raise ValueError(f"{name}: `input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"{name}: the inputs have shape {shape}; expected at least one sequence of at least one "
+                             f"token.")
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[0] != shape[0]:
                 raise ValueError(
@@ -834,7 +855,9 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            has_targets = self._has_targets(logits, labels, shifted=kwargs.get("shift_labels") is None)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
+                if has_targets else self._zero_loss(logits)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -905,7 +928,8 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
         logits = self.lm_head(self.mlm_transform(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
+                if self._has_targets(logits, labels) else self._zero_loss(logits)
         output = MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -961,6 +985,9 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
+            if labels.shape[0] != logits.shape[0]:
+                raise ValueError(f"{type(self).__name__}: `labels` has {labels.shape[0]} rows for a batch of "
+                                 f"{logits.shape[0]} sequences; expected one label per sequence.")
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -1018,7 +1045,8 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config)
+            loss = self.loss_function(logits, labels, self.config) \
+                if self._has_targets(logits, labels) else self._zero_loss(logits)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
