@@ -67,6 +67,7 @@ class BlueprintConfig(PretrainedConfig):
         norm_position: `"post"` normalizes after each residual addition (the paper, BERT); `"pre"` normalizes each
             sub-layer's input and adds a final norm after the last block (GPT-2, Llama).
         layer_norm_eps: epsilon of every normalization layer (also readable as `rms_norm_eps`).
+        norm_bias: LayerNorm with a learned bias (the paper, BERT, GPT-2); nanoGPT's bias-free variant sets False.
         ffn_type: `"mlp"` is `down(act(up(x)))` (the paper); `"glu"` is the gated `down(act(gate(x)) * up(x))`
             (SwiGLU with `hidden_act="silu"`, GeGLU with `"gelu"`).
         hidden_act: activation of the feed-forward network, any name transformers' `ACT2FN` knows.
@@ -87,7 +88,7 @@ class BlueprintConfig(PretrainedConfig):
         classifier_pooling: how sequence classification reduces the sequence: `"first"` token ([CLS], BERT),
             `"mean"` over real tokens, or `"last"` real token (GPT-2, Llama; the decoder default).
         add_pooling_layer: BERT's pooler, a dense layer + tanh over the pooled vector, in the base model
-            (`pooler_output`).
+            (`pooler_output`); encoder family only.
     """
 
     is_causal: ClassVar[bool] = False
@@ -119,6 +120,7 @@ class BlueprintConfig(PretrainedConfig):
     norm_type: str = "layernorm"
     norm_position: str = "post"
     layer_norm_eps: float = 1e-5
+    norm_bias: bool = True
     ffn_type: str = "mlp"
     hidden_act: str = "relu"
     attention_bias: bool = False
@@ -207,7 +209,7 @@ class BlueprintConfig(PretrainedConfig):
                              f"choose one of {_known_activations()}.")
 
         for field in ["scale_embeddings", "embedding_norm", "tie_word_embeddings", "attention_bias", "mlp_bias",
-                      "add_pooling_layer", "use_cache"]:
+                      "norm_bias", "add_pooling_layer", "use_cache"]:
             value = getattr(self, field)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}.{field} must be True or False, got {value!r}.")
@@ -233,6 +235,11 @@ class BlueprintConfig(PretrainedConfig):
                 f"{name}.num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads}): each key/value head serves a whole group of "
                 f"query heads."
+            )
+        if self.add_pooling_layer and self.is_causal:
+            raise ValueError(
+                f"{name}.add_pooling_layer=True: the pooler is BERT's, for the encoder family; a decoder's sequence "
+                f"classifier pools with classifier_pooling instead."
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
             raise ValueError(

@@ -88,7 +88,7 @@ class RMSNorm(nn.Module):
 def build_norm(config: BlueprintConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

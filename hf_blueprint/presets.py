@@ -16,8 +16,11 @@ transformers and its sibling files.
 import torch
 
 
-ENCODER, DECODER = "encoder", "decoder"
-_FAMILY_OF_MODEL_TYPE = {"blueprint_encoder": ENCODER, "blueprint_decoder": DECODER, ENCODER: ENCODER, DECODER: DECODER}
+ENCODER, DECODER, SEQ2SEQ = "encoder", "decoder", "seq2seq"
+_FAMILY_OF_MODEL_TYPE = {"blueprint_encoder": ENCODER, "blueprint_decoder": DECODER, "blueprint_seq2seq": SEQ2SEQ,
+                         ENCODER: ENCODER, DECODER: DECODER, SEQ2SEQ: SEQ2SEQ}
+_CONFIG_CLASS = {ENCODER: "BlueprintEncoderConfig", DECODER: "BlueprintDecoderConfig",
+                 SEQ2SEQ: "BlueprintSeq2SeqConfig"}
 
 
 def _paper(hidden_size, num_attention_heads, intermediate_size, dropout):
@@ -66,13 +69,15 @@ def _llama(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_at
 # name -> (families it is valid for, one-line description, config fields)
 PRESETS: dict[str, tuple[tuple[str, ...], str, dict]] = {
     "transformer-base": (
-        (ENCODER, DECODER),
-        "the paper's base model (d_model 512, 6 layers, 8 heads, d_ff 2048, P_drop 0.1), one stack",
+        (SEQ2SEQ, ENCODER, DECODER),
+        "the paper's base model (d_model 512, 6 layers, 8 heads, d_ff 2048, P_drop 0.1); the paper counts 65M "
+        "for encoder + decoder",
         _paper(hidden_size=512, num_attention_heads=8, intermediate_size=2048, dropout=0.1),
     ),
     "transformer-big": (
-        (ENCODER, DECODER),
-        "the paper's big model (d_model 1024, 6 layers, 16 heads, d_ff 4096, P_drop 0.3), one stack",
+        (SEQ2SEQ, ENCODER, DECODER),
+        "the paper's big model (d_model 1024, 6 layers, 16 heads, d_ff 4096, P_drop 0.3); the paper counts 213M "
+        "for encoder + decoder",
         _paper(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, dropout=0.3),
     ),
     "bert-tiny": ((ENCODER,), "BERT-Tiny (L=2, H=128, A=2)", _bert(2, 128, 2)),
@@ -107,13 +112,13 @@ PRESETS: dict[str, tuple[tuple[str, ...], str, dict]] = {
     "nanogpt-shakespeare": (
         (DECODER,),
         "nanoGPT's character-level Shakespeare model (6 layers, 6 heads, d 384, context 256, dropout 0.2, no "
-        "biases in linear layers; nanoGPT's bias-free LayerNorm is a LayerNorm with bias here)",
+        "biases in linear layers or LayerNorms)",
         dict(
             vocab_size=65, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
             max_position_embeddings=256, type_vocab_size=0, position_embedding_type="learned",
             scale_embeddings=False, embedding_norm=False, tie_word_embeddings=True, norm_type="layernorm",
-            norm_position="pre", layer_norm_eps=1e-5, ffn_type="mlp", hidden_act="gelu", attention_bias=False,
-            mlp_bias=False, hidden_dropout_prob=0.2, attention_dropout=0.2, activation_dropout=0.0,
+            norm_position="pre", layer_norm_eps=1e-5, norm_bias=False, ffn_type="mlp", hidden_act="gelu",
+            attention_bias=False, mlp_bias=False, hidden_dropout_prob=0.2, attention_dropout=0.2, activation_dropout=0.0,
             initializer_range=0.02,
         ),
     ),
@@ -123,8 +128,8 @@ PRESETS: dict[str, tuple[tuple[str, ...], str, dict]] = {
 def _family(model_type: str) -> str:
     if model_type not in _FAMILY_OF_MODEL_TYPE:
         raise ValueError(
-            f"Presets are defined per family; call from_preset on BlueprintEncoderConfig or BlueprintDecoderConfig "
-            f"(got model_type {model_type!r})."
+            f"Presets are defined per family; call from_preset on {', '.join(_CONFIG_CLASS.values())} (got "
+            f"model_type {model_type!r})."
         )
     return _FAMILY_OF_MODEL_TYPE[model_type]
 
@@ -145,26 +150,37 @@ def preset_fields(name: str, model_type: str) -> dict:
         raise ValueError(f"Unknown preset {name!r}; valid presets: {listing}.")
     families, _, fields = PRESETS[name]
     if family not in families:
-        config_class = {ENCODER: "BlueprintEncoderConfig", DECODER: "BlueprintDecoderConfig"}
         raise ValueError(
-            f"Preset {name!r} is a {'/'.join(families)} preset; use {config_class[families[0]]}.from_preset"
+            f"Preset {name!r} belongs to the {'/'.join(families)} family; use {_CONFIG_CLASS[families[0]]}.from_preset"
             f"({name!r}). Valid {family} presets: {', '.join(preset_names(family))}."
         )
     return dict(fields)
 
 
+def _classes(family: str):
+    """(config class, model class whose parameters a preset's count is) of a family; flat sibling imports only, as
+    Hub remote code needs."""
+    if family == ENCODER:
+        from .configuration_blueprint import BlueprintEncoderConfig
+        from .modeling_blueprint import BlueprintEncoderModel
+
+        return BlueprintEncoderConfig, BlueprintEncoderModel
+    if family == DECODER:
+        from .configuration_blueprint import BlueprintDecoderConfig
+        from .modeling_blueprint import BlueprintDecoderForCausalLM
+
+        return BlueprintDecoderConfig, BlueprintDecoderForCausalLM
+    from .configuration_blueprint import BlueprintSeq2SeqConfig
+    from .modeling_blueprint import BlueprintForConditionalGeneration
+
+    return BlueprintSeq2SeqConfig, BlueprintForConditionalGeneration
+
+
 def count_parameters(name: str, family: str) -> int:
     """Parameters of the model a preset describes, built on the meta device (no memory, no time). Encoders count
     the base model (with BERT's pooler where the preset has one, as BERT's published sizes do), decoders the
-    causal LM (a tied output projection counts once)."""
-    from .configuration_blueprint import BlueprintDecoderConfig, BlueprintEncoderConfig
-    from .modeling_blueprint import BlueprintDecoderForCausalLM, BlueprintEncoderModel
-
-    family = _family(family)
-    config_class, model_class = {
-        ENCODER: (BlueprintEncoderConfig, BlueprintEncoderModel),
-        DECODER: (BlueprintDecoderConfig, BlueprintDecoderForCausalLM),
-    }[family]
+    causal LM and seq2seq the full encoder-decoder with its LM head (a tied output projection counts once)."""
+    config_class, model_class = _classes(_family(family))
     config = config_class.from_preset(name)
     with torch.device("meta"):
         model = model_class(config)
@@ -173,8 +189,15 @@ def count_parameters(name: str, family: str) -> int:
 
 def list_presets() -> list[tuple[str, str, int]]:
     """(name, family, parameter count) for every preset and family it is valid for."""
-    return [(name, family, count_parameters(name, family))
-            for name, (families, _, _) in PRESETS.items() for family in families]
+    rows = []
+    for name, (families, _, _) in PRESETS.items():
+        for family in families:
+            try:
+                _classes(family)
+            except ImportError:  # a family this copy of the model code does not have
+                continue
+            rows.append((name, family, count_parameters(name, family)))
+    return rows
 
 
 def presets_table() -> str:
