@@ -250,3 +250,43 @@ def test_push_to_hub_then_clean_room_pull_gives_equal_logits(hub, tmp_path):
                             text=True, timeout=300, cwd=tmp_path)
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert "EQUAL" in pulled.stdout
+
+
+# -- model card --------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_writes_the_blueprint_model_card_with_model_index(tmp_path):
+    from datasets import Dataset
+    from huggingface_hub import ModelCard
+    from transformers import Trainer, TrainingArguments
+
+    from hf_blueprint.model_card import use_blueprint_model_card
+
+    torch.manual_seed(0)
+    model = hf_blueprint.BlueprintDecoderForCausalLM(FAMILIES["decoder"])
+    rows = [{"input_ids": [1, 5, 9, 14, 20, 33], "labels": [1, 5, 9, 14, 20, 33]}] * 8
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3, seed=7)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      eval_dataset=Dataset.from_list(rows))
+    use_blueprint_model_card(trainer)
+    trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.create_model_card(tasks="text-generation", dataset="recipes/data/tinyshakespeare/input.txt")
+
+    card = ModelCard.load(tmp_path / "run" / "README.md")  # parses the YAML front matter
+    assert card.data.library_name == "transformers"
+    assert {"hf_blueprint", "blueprint_decoder"} <= set(card.data.tags)
+    assert card.data.datasets == ["tinyshakespeare"]
+    metrics = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert {"type": "loss", "value": round(eval_loss, 4), "name": "Validation loss"} in metrics
+    for switch, value in [("position_embedding_type", "'rope'"), ("norm_position", "'pre'"),
+                          ("norm_type", "'rmsnorm'"), ("ffn_type", "'glu'"), ("hidden_act", "'silu'"),
+                          ("num_key_value_heads", "2"), ("hidden_size", "32"), ("sliding_window", "None"),
+                          ("scale_embeddings", "True"), ("tie_word_embeddings", "True"), ("norm_bias", "True"),
+                          ("attention_bias", "False"), ("hidden_dropout_prob", "0.0"), ("rope_theta", "10000.0")]:
+        assert f"| `{switch}` | `{value}` |" in card.text, switch
+    assert "is_causal" not in card.text and "transformers_version" not in card.text
+    assert "| `learning_rate` | `0.001` |" in card.text and "| `seed` | `7` |" in card.text
+    assert f"{sum(p.numel() for p in model.parameters()):,}" in card.text
+    assert "trust_remote_code=True" in card.text and "import hf_blueprint" in card.text
