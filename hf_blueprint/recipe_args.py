@@ -1,0 +1,390 @@
+"""Arguments shared by the recipes in `recipes/`, and the small pieces of set-up they all repeat.
+
+The recipes follow transformers' examples (run_clm.py, run_mlm.py, run_glue.py): `HfArgumentParser` over a model
+dataclass, a data dataclass and `TrainingArguments`, so every Trainer flag works on every recipe. On top of that:
+
+- a config file (JSON or YAML) as the first argument, with command-line flags after it overriding its values:
+  `python recipes/pretrain_causal_lm.py recipes/configs/shakespeare_char.yaml --max_steps 100`;
+- `--config_overrides "hidden_size=128,num_hidden_layers=4"` for any Blueprint config field, validated by the config;
+- a summary table printed at the end of each run.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+import yaml
+from datasets import Dataset
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase
+
+from .data import iterate_texts
+from .tokenizer import TOKENIZER_TYPES, train_tokenizer
+
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("blueprint_encoder", "blueprint_decoder")
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to train; from a checkpoint or from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint (local folder or Hub id) to start from. Leave unset to train from scratch."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "When training from scratch: which Blueprint family to build.", "choices": MODEL_TYPES},
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={"help": "A config (folder, config.json or Hub id) to build the model from, if not the checkpoint's."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated `field=value` settings applied to the config, e.g. "
+            "'hidden_size=128,num_hidden_layers=4,position_embedding_type=rope'. Fields are those of "
+            "hf_blueprint.BlueprintConfig; values are parsed as int, float, true/false, none or text."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A tokenizer folder or Hub id. Unset: the checkpoint's tokenizer, or (from scratch) a new one "
+            "trained on the training split with --tokenizer_type and --tokenizer_vocab_size."
+        },
+    )
+    tokenizer_type: str = field(
+        default="bpe",
+        metadata={"help": "Kind of tokenizer to train when none is given: byte-level BPE or characters.",
+                  "choices": TOKENIZER_TYPES},
+    )
+    tokenizer_vocab_size: int = field(
+        default=8000, metadata={"help": "Largest vocabulary of a newly trained tokenizer (special tokens included)."}
+    )
+    tokenizer_min_frequency: int | None = field(
+        default=None,
+        metadata={"help": "A BPE merge or character seen fewer times is left out of a new tokenizer "
+                          "(default: 2 for bpe, 1 for char)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache files downloaded from the Hub."})
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token for private repositories (default: the one from `hf auth login`)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow code from the Hub (datasets or models); only for repositories you trust."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how much of it to use."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hub (or a local dataset folder) to load with `datasets`."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The configuration of --dataset_name."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training data: .txt (one example per line), .csv, .tsv, .json/.jsonl, "
+                                        "or a TREC .label file."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Validation data, same formats. Unset: split off --validation_split_percentage."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Optional held-out data, same formats, scored once at the end."}
+    )
+    text_column_name: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the text. Unset: 'text' or 'sentence' if present, else the first column."},
+    )
+    validation_split_percentage: int = field(
+        default=10,
+        metadata={
+            "help": "Percentage of the training data held out for validation when there is no validation split. "
+            "Language-model recipes take the last N%% of the text, cut at the exact character (nanoGPT's split); "
+            "classification takes a random N%% (seeded by --seed)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training examples (for quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation (and test) examples (for quick runs)."}
+    )
+    encoding: str = field(
+        default="utf-8",
+        metadata={"help": "Text encoding of the data files; bytes that do not decode are reported with their line."},
+    )
+    keep_linebreaks: bool = field(
+        default=True, metadata={"help": "Keep the newline at the end of each line of a .txt file (language models)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization (`datasets.map(num_proc=...)`)."}
+    )
+
+    def __post_init__(self):
+        # An empty value unsets a file a config file set: `recipe.py config.yaml --test_file ""`.
+        for name in ("train_file", "validation_file", "test_file", "dataset_name"):
+            if getattr(self, name) == "":
+                setattr(self, name, None)
+        if self.dataset_name is None and self.train_file is None:
+            raise ValueError("Give the training data: --train_file PATH or --dataset_name NAME.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing: command line, config file, recipe defaults
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the recipe's docstring (with its example commands) as written, and shows each flag's default."""
+
+
+def parse_args(
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    defaults: dict | None = None,
+    description: str | None = None,
+):
+    """Parses `argv` (default: `sys.argv[1:]`) into the dataclasses.
+
+    `defaults` changes a recipe's defaults (shown by `--help`), e.g. `do_train=True`. If the first argument is a
+    .json/.yaml/.yml file, its keys are read as flags placed before the remaining arguments, so that flags given on
+    the command line win. `description` (the recipe's docstring) heads `--help`.
+    """
+    epilog = ("A JSON/YAML file of flag: value pairs may come first, e.g. `recipe.py config.yaml --max_steps 10`; "
+              "flags after it override it.")
+    parser = HfArgumentParser(dataclass_types, description=description, epilog=epilog,
+                              formatter_class=_HelpFormatter)
+    if defaults:
+        parser.set_defaults(**defaults)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_FILE_SUFFIXES):
+        argv = config_file_to_argv(argv[0]) + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def config_file_to_argv(path: str) -> list[str]:
+    """Turns a JSON/YAML mapping of `flag: value` into command-line arguments."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of flag names to values, got {type(values).__name__}.")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, bool):
+            argv.append(str(value).lower())
+        elif isinstance(value, (list, tuple)):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def resume_checkpoint(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint true` resumes from the last checkpoint in `output_dir`; a path resumes from it."""
+    value = training_args.resume_from_checkpoint
+    if value is None:
+        return None
+    if str(value).lower() in ("true", "last"):
+        return True
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer and model config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_or_train_tokenizer(
+    model_args: ModelArguments, train_dataset: Dataset, text_columns: Sequence[str], family: str
+) -> PreTrainedTokenizerBase:
+    """--tokenizer_name, else the checkpoint's tokenizer, else a new one trained on the training split only."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name is not None:
+        return AutoTokenizer.from_pretrained(
+            name, cache_dir=model_args.cache_dir, token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    logger.info(f"Training a {model_args.tokenizer_type} tokenizer ({family} family) on the training split.")
+    texts = (text for column in text_columns for text in iterate_texts(train_dataset, column))
+    return train_tokenizer(
+        texts,
+        tokenizer_type=model_args.tokenizer_type,
+        vocab_size=model_args.tokenizer_vocab_size,
+        min_frequency=model_args.tokenizer_min_frequency,
+        family=family,
+    )
+
+
+
+def parse_config_overrides(overrides: str) -> dict:
+    """'hidden_size=128,use_cache=false,sliding_window=none' -> {'hidden_size': 128, 'use_cache': False, ...}."""
+    parsed = {}
+    for item in overrides.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--config_overrides: expected `field=value`, got {item!r} (in {overrides!r}).")
+        parsed[key.strip()] = _parse_value(raw.strip())
+    return parsed
+
+
+def _parse_value(raw: str):
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None, "null": None}.get(raw.lower(), raw)
+
+
+def build_config(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None, **fixed
+) -> PretrainedConfig:
+    """The model config: from --config_name, the checkpoint, or --model_type; then token ids, then overrides.
+
+    From scratch, the vocabulary size and the special token ids come from the tokenizer, so that they always agree.
+    `fixed` are settings the recipe needs (e.g. `num_labels`), applied before the user's --config_overrides.
+    """
+    common = {"cache_dir": model_args.cache_dir, "token": model_args.token,
+              "trust_remote_code": model_args.trust_remote_code}
+    from_scratch = model_args.model_name_or_path is None
+    if model_args.config_name:
+        config = AutoConfig.from_pretrained(model_args.config_name, **common)
+    elif not from_scratch:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **common)
+    elif model_args.model_type:
+        config = AutoConfig.for_model(model_args.model_type)
+    else:
+        raise ValueError("Training from scratch needs --model_type (or --config_name, or --model_name_or_path).")
+
+    settings = dict(fixed)
+    if from_scratch and tokenizer is not None:
+        settings.update(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    if model_args.config_overrides:
+        settings.update(parse_config_overrides(model_args.config_overrides))
+    unknown = sorted(k for k in settings if k not in config.to_dict() and not hasattr(config, k))
+    if unknown:
+        raise ValueError(
+            f"--config_overrides: {unknown} are not fields of {type(config).__name__}; "
+            f"its fields are {sorted(config.to_dict())}."
+        )
+    if settings:
+        # Rebuilding (instead of setattr) runs the config's own validation on the new values.
+        config = type(config).from_dict({**_underive(config.to_dict(), settings), **settings})
+    return config
+
+
+def sequence_length(requested: int | None, config: PretrainedConfig, default: int, flag: str) -> int:
+    """The input length a recipe uses: `requested`, or `default` capped by the model's position table.
+
+    Learned and sinusoidal positions stop at max_position_embeddings; asking for more is an error here rather than
+    an index error in the middle of training. rope, alibi and none have no limit.
+    """
+    has_table = config.position_embedding_type in ("learned", "sinusoidal")
+    limit = config.max_position_embeddings
+    if requested is None:
+        return min(default, limit) if has_table else default
+    if has_table and requested > limit:
+        raise ValueError(
+            f"{flag} {requested} exceeds the model's max_position_embeddings ({limit}) with "
+            f"{config.position_embedding_type} positions; lower {flag} or raise max_position_embeddings."
+        )
+    return requested
+
+
+def _underive(values: dict, settings: dict) -> dict:
+    """Resets head_dim / num_key_value_heads that were derived from the heads and width, when those change.
+
+    A config stores `head_dim = hidden_size // num_attention_heads` and `num_key_value_heads = num_attention_heads`
+    once resolved; `num_attention_heads=4` alone must re-derive them, not keep the old values.
+    """
+    values = dict(values)
+    heads, width = values.get("num_attention_heads"), values.get("hidden_size")
+    if "num_key_value_heads" not in settings and values.get("num_key_value_heads") == heads:
+        values["num_key_value_heads"] = None
+    if "head_dim" not in settings and heads and width and values.get("head_dim") == width // heads:
+        values["head_dim"] = None
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Logging and reporting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args) -> None:
+    """transformers' examples' logging set-up: info on the main process, warnings on the others."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    for name in ("hf_blueprint", "__main__"):
+        logging.getLogger(name).setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def perplexity_of(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def format_summary(title: str, rows: Sequence[tuple[str, object]]) -> str:
+    """A two-column text table: the last thing each recipe prints."""
+    cells = [(str(key), _format_value(value)) for key, value in rows]
+    left = max([len(k) for k, _ in cells] + [len(title)])
+    right = max([len(v) for _, v in cells] + [1])
+    rule = f"+-{'-' * left}-+-{'-' * right}-+"
+    lines = [rule, f"| {title.ljust(left)} | {' ' * right} |", rule]
+    lines += [f"| {k.ljust(left)} | {v.ljust(right)} |" for k, v in cells]
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Pretrain a Blueprint decoder by next-token prediction (causal language modeling), in the manner of run_clm.py.
+
+Texts are tokenized, concatenated and cut into blocks of --block_size tokens. The run reports the validation loss
+and perplexity (per token: per character with a character tokenizer), generates a sample from the trained model,
+and saves model + tokenizer + generation settings in --output_dir, ready for `AutoModelForCausalLM.from_pretrained`
+and `push_to_hub`.
+
+nanoGPT's CPU configuration on tinyshakespeare (character level), from scratch:
+
+    python recipes/pretrain_causal_lm.py recipes/configs/shakespeare_char.yaml
+
+or spelled out:
+
+    python recipes/pretrain_causal_lm.py --train_file recipes/data/tinyshakespeare/input.txt \\
+        --tokenizer_type char --block_size 64 \\
+        --config_overrides "hidden_size=128,num_hidden_layers=4,num_attention_heads=4,intermediate_size=512" \\
+        --max_steps 2000 --per_device_train_batch_size 12 --learning_rate 1e-3 --output_dir out/shakespeare-char
+
+Any Trainer flag works (`--push_to_hub`, `--resume_from_checkpoint true`, ...); so does `torchrun` and
+`accelerate launch`.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+
+import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
+from hf_blueprint.data import (
+    load_raw_datasets,
+    pack_into_blocks,
+    pick_text_column,
+    require_columns,
+    tokenize_texts,
+    truncate_splits,
+)
+from hf_blueprint.metrics import language_model_metrics
+from hf_blueprint.recipe_args import (
+    DataArguments,
+    ModelArguments,
+    build_config,
+    format_summary,
+    load_or_train_tokenizer,
+    parse_args,
+    perplexity_of,
+    resume_checkpoint,
+    sequence_length,
+    setup_logging,
+)
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "model_type": "blueprint_decoder",
+    "output_dir": "out/pretrain_causal_lm",
+    "do_train": True,
+    "do_eval": True,
+}
+
+
+@dataclass
+class CausalLMArguments:
+    """Block size and the sample generated at the end."""
+
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training block. Default: the model's max_position_embeddings, at most 1024."},
+    )
+    sample_prompt: str | None = field(
+        default=None,
+        metadata={"help": "Text to continue for the sample. Default: the first 16 tokens of the validation text."},
+    )
+    sample_max_new_tokens: int = field(default=200, metadata={"help": "Length of the sample, in tokens (0: none)."})
+    sample_do_sample: bool = field(
+        default=True, metadata={"help": "Sample (true) or decode greedily (false); saved as the generation default."}
+    )
+    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    sample_top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: all)."})
+
+
+def main(argv=None):
+    model_args, data_args, lm_args, training_args = parse_args(
+        (ModelArguments, DataArguments, CausalLMArguments, TrainingArguments), argv, DEFAULTS, description=__doc__)
+    return run(model_args, data_args, lm_args, training_args)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMArguments,
+        training_args: TrainingArguments, report: bool = True) -> dict:
+    """Trains, evaluates, samples and saves; returns the metrics, the sample and the sizes. `report` prints the
+    summary table (the quickstart prints its own)."""
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    started = time.perf_counter()
+
+    raw, sources = load_raw_datasets(
+        data_args, contiguous_validation=True, seed=training_args.seed, cache_dir=model_args.cache_dir,
+        token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+    )
+    text_column = data_args.text_column_name or pick_text_column(raw["train"].column_names)
+    require_columns(raw, sources, {text_column: "--text_column_name"})
+    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
+
+    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="decoder")
+    config = build_config(model_args, tokenizer)
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                     cache_dir=model_args.cache_dir, token=model_args.token)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    block_size = sequence_length(lm_args.block_size, config, default=1024, flag="--block_size")
+
+    with training_args.main_process_first(desc="tokenizing and packing"):
+        # Each line is tokenized on its own, then the token streams are concatenated: with a character tokenizer
+        # that is exactly the character stream of the file (newlines included).
+        tokenized = tokenize_texts(raw, tokenizer, text_column, data_args.preprocessing_num_workers)
+        blocks = pack_into_blocks(tokenized, block_size, sources, data_args.preprocessing_num_workers, labels=True)
+
+    # Set after tokenizing: long lines are packed, not truncated, so the length warning would be noise.
+    tokenizer.model_max_length = block_size
+    preprocess_logits, compute_metrics = language_model_metrics(causal=True)
+    has_eval = training_args.do_eval and "validation" in blocks
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=blocks["train"] if training_args.do_train else None,
+        eval_dataset=blocks["validation"] if has_eval else None,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics if has_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
+    )
+
+    results = {"num_parameters": model.num_parameters(), "train_blocks": len(blocks["train"]),
+               "block_size": block_size, "output_dir": training_args.output_dir}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        results.update(train_result.metrics, global_step=train_result.global_step)
+    if has_eval:
+        metrics = trainer.evaluate()
+        # eval_loss averages per-batch means; eval_perplexity is per token over every scored token. With full blocks
+        # they agree, which the tests check.
+        metrics["eval_loss_perplexity"] = perplexity_of(metrics["eval_loss"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    configure_generation(trainer.model, tokenizer, lm_args)
+    prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
+    if trainer.is_world_process_zero() and lm_args.sample_max_new_tokens > 0:
+        results["prompt"] = prompt
+        results["sample"] = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
+        logger.info(f"Sample:\n{prompt}{results['sample']}")
+
+    if training_args.do_train:
+        trainer.save_model()  # model, tokenizer and generation config, on the main process only
+        trainer.save_state()
+        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation",
+                "dataset": data_args.dataset_name or sources.get("train")}
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
+
+    results["wall_seconds"] = time.perf_counter() - started
+    if report and trainer.is_world_process_zero():
+        print(format_summary("pretrain_causal_lm", _summary_rows(results, sources)))
+    return results
+
+
+def _default_prompt(blocks, tokenizer) -> str:
+    split = "validation" if "validation" in blocks else "train"
+    return tokenizer.decode(blocks[split][0]["input_ids"][:16])
+
+
+def configure_generation(model, tokenizer, lm_args: CausalLMArguments) -> None:
+    """Stores the sampling settings in the model's generation config, so that they are saved with it and a reloaded
+    model generates the same way without being told."""
+    generation_config = model.generation_config
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.max_new_tokens = lm_args.sample_max_new_tokens or None
+    generation_config.do_sample = lm_args.sample_do_sample
+    if lm_args.sample_do_sample:
+        generation_config.temperature = lm_args.sample_temperature
+        generation_config.top_k = lm_args.sample_top_k or None
+
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, prompt: str, seed: int) -> str:
+    """Continues `prompt` with the model's saved generation settings; seeded, so the same model gives the same text.
+
+    A model with a position table (learned or sinusoidal) cannot see past max_position_embeddings tokens. Longer
+    samples slide a window, as nanoGPT's sampler crops its context: each `generate` call continues the last half
+    window of tokens until the window is full again.
+    """
+    model.eval()
+    config = model.config
+    limit = config.max_position_embeddings if config.position_embedding_type in ("learned", "sinusoidal") else None
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    if ids.shape[1] == 0:  # an empty prompt: start from the beginning-of-text token
+        ids = torch.tensor([[tokenizer.bos_token_id]], device=model.device)
+    prompt_length, remaining = ids.shape[1], model.generation_config.max_new_tokens or 0
+    torch.manual_seed(seed)
+    while remaining > 0:
+        context = ids
+        if limit is not None and ids.shape[1] + remaining > limit:
+            context = ids[:, -max(1, min(ids.shape[1], limit // 2)):]
+        steps = remaining if limit is None else min(remaining, limit - context.shape[1])
+        output = model.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=steps)
+        new_tokens = output[:, context.shape[1]:]
+        ids = torch.cat([ids, new_tokens], dim=1)
+        remaining -= new_tokens.shape[1]
+        if new_tokens.shape[1] < steps:  # stopped at the end-of-text token
+            break
+    return tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
+
+
+def _summary_rows(results: dict, sources: dict) -> list:
+    rows = [
+        ("training data", sources.get("train")),
+        ("parameters", f"{results['num_parameters']:,}"),
+        ("blocks x block size", f"{results['train_blocks']:,} x {results['block_size']}"),
+    ]
+    if "train_runtime" in results:
+        rows += [("train steps / runtime", f"{results.get('global_step', '?')} / {results['train_runtime']:.1f} s"),
+                 ("train loss", results["train_loss"])]
+    if "eval_loss" in results:
+        rows += [("validation loss (nats/token)", results["eval_loss"]),
+                 ("validation perplexity", results["eval_perplexity"]),
+                 ("validation token accuracy", results["eval_accuracy"])]
+    if "sample" in results:
+        rows.append(("sample", repr((results["prompt"] + results["sample"])[:80]) + " ..."))
+    rows += [("saved to", results["output_dir"]), ("wall time", f"{results['wall_seconds']:.1f} s")]
+    return rows
+
+
+if __name__ == "__main__":
+    main()

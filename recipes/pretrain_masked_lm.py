@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Pretrain a Blueprint encoder by masked language modeling, in the manner of run_mlm.py.
+
+BERT's recipe: 15% of the tokens are chosen for prediction; of those, 80% become [MASK], 10% a random token and 10%
+stay unchanged (`--mlm_probability`, `--mask_replace_prob`, `--random_replace_prob`). [CLS], [SEP] and padding are
+never chosen. Texts are either packed into blocks of --max_seq_length tokens (default) or kept one per example
+(`--line_by_line`, for sentence data such as SST-2). Reports the masked-token loss, perplexity and accuracy on the
+validation split and saves model + tokenizer, ready for `AutoModelForMaskedLM` or, as a starting point, for
+`recipes/finetune_classification.py --model_name_or_path`.
+
+    python recipes/pretrain_masked_lm.py --train_file recipes/data/sst2/train.tsv --text_column_name sentence \\
+        --line_by_line --max_seq_length 66 --tokenizer_vocab_size 8000 \\
+        --config_overrides "hidden_size=128,num_hidden_layers=2,num_attention_heads=2,intermediate_size=512" \\
+        --num_train_epochs 3 --output_dir out/sst2-mlm
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from transformers import (
+    AutoModelForMaskedLM,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
+from hf_blueprint.data import (
+    load_raw_datasets,
+    pack_into_blocks,
+    pick_text_column,
+    require_columns,
+    tokenize_texts,
+    truncate_splits,
+)
+from hf_blueprint.metrics import language_model_metrics
+from hf_blueprint.recipe_args import (
+    DataArguments,
+    ModelArguments,
+    build_config,
+    format_summary,
+    load_or_train_tokenizer,
+    parse_args,
+    resume_checkpoint,
+    sequence_length,
+    setup_logging,
+)
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "model_type": "blueprint_encoder",
+    "output_dir": "out/pretrain_masked_lm",
+    "do_train": True,
+    "do_eval": True,
+}
+
+
+@dataclass
+class MaskedLMArguments:
+    """Sequence length and the masking scheme."""
+
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per example (packed block, or the truncation length with --line_by_line). "
+                          "Default: the model's max_position_embeddings, at most 512."},
+    )
+    line_by_line: bool = field(
+        default=False, metadata={"help": "One example per text (padded per batch) instead of packed blocks."}
+    )
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens chosen for prediction."})
+    mask_replace_prob: float = field(default=0.8, metadata={"help": "Of the chosen tokens: share replaced by [MASK]."})
+    random_replace_prob: float = field(
+        default=0.1, metadata={"help": "Of the chosen tokens: share replaced by a random token (the rest stay)."}
+    )
+
+
+def main(argv=None):
+    model_args, data_args, mlm_args, training_args = parse_args(
+        (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments), argv, DEFAULTS, description=__doc__)
+    return run(model_args, data_args, mlm_args, training_args)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLMArguments,
+        training_args: TrainingArguments) -> dict:
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    started = time.perf_counter()
+
+    raw, sources = load_raw_datasets(
+        data_args, contiguous_validation=not mlm_args.line_by_line, seed=training_args.seed,
+        cache_dir=model_args.cache_dir, token=model_args.token, trust_remote_code=model_args.trust_remote_code,
+    )
+    text_column = data_args.text_column_name or pick_text_column(raw["train"].column_names, exclude=["label"])
+    require_columns(raw, sources, {text_column: "--text_column_name"})
+    raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
+
+    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="encoder")
+    if tokenizer.mask_token is None or tokenizer.pad_token is None:
+        raise ValueError(f"Masked LM needs a tokenizer with a mask and a pad token; {type(tokenizer).__name__} has "
+                         f"mask_token={tokenizer.mask_token!r}, pad_token={tokenizer.pad_token!r}.")
+    config = build_config(model_args, tokenizer)
+    if model_args.model_name_or_path:
+        model = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, config=config,
+                                                     cache_dir=model_args.cache_dir, token=model_args.token)
+    else:
+        model = AutoModelForMaskedLM.from_config(config)
+    max_seq_length = sequence_length(mlm_args.max_seq_length, config, default=512, flag="--max_seq_length")
+
+    with training_args.main_process_first(desc="tokenizing"):
+        if mlm_args.line_by_line:
+            # Blank lines carry nothing to predict; dropping them keeps every example informative.
+            raw = raw.filter(lambda example: bool(example[text_column].strip()), desc="Dropping blank lines")
+            examples = tokenize_texts(raw, tokenizer, text_column, data_args.preprocessing_num_workers,
+                                      truncation=True, max_length=max_seq_length, return_special_tokens_mask=True)
+        else:
+            tokenized = tokenize_texts(raw, tokenizer, text_column, data_args.preprocessing_num_workers,
+                                       return_special_tokens_mask=True)
+            examples = pack_into_blocks(tokenized, max_seq_length, sources, data_args.preprocessing_num_workers)
+
+    # Set after tokenizing: long lines are packed, not truncated, so the length warning would be noise.
+    tokenizer.model_max_length = max_seq_length
+    collator = DataCollatorForLanguageModeling(
+        tokenizer,
+        mlm_probability=mlm_args.mlm_probability,
+        mask_replace_prob=mlm_args.mask_replace_prob,
+        random_replace_prob=mlm_args.random_replace_prob,
+    )
+    preprocess_logits, compute_metrics = language_model_metrics(causal=False)
+    has_eval = training_args.do_eval and "validation" in examples
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=examples["train"] if training_args.do_train else None,
+        eval_dataset=examples["validation"] if has_eval else None,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics if has_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
+    )
+
+    results = {"num_parameters": model.num_parameters(), "train_examples": len(examples["train"]),
+               "max_seq_length": max_seq_length, "output_dir": training_args.output_dir}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        results.update(train_result.metrics, global_step=train_result.global_step)
+    if has_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+
+    if training_args.do_train:
+        trainer.save_model()
+        trainer.save_state()
+        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "fill-mask",
+                "dataset": data_args.dataset_name or sources.get("train")}
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
+
+    results["wall_seconds"] = time.perf_counter() - started
+    if trainer.is_world_process_zero():
+        print(format_summary("pretrain_masked_lm", _summary_rows(results, sources, mlm_args)))
+    return results
+
+
+def _summary_rows(results: dict, sources: dict, mlm_args: MaskedLMArguments) -> list:
+    layout = "one text per example" if mlm_args.line_by_line else "packed blocks"
+    rows = [
+        ("training data", sources.get("train")),
+        ("parameters", f"{results['num_parameters']:,}"),
+        ("examples", f"{results['train_examples']:,} ({layout}, <= {results['max_seq_length']} tokens)"),
+        ("masking", f"{mlm_args.mlm_probability:.0%} of tokens: {mlm_args.mask_replace_prob:.0%} [MASK], "
+                    f"{mlm_args.random_replace_prob:.0%} random, rest unchanged"),
+    ]
+    if "train_runtime" in results:
+        rows += [("train steps / runtime", f"{results['global_step']} / {results['train_runtime']:.1f} s"),
+                 ("train loss", results["train_loss"])]
+    if "eval_loss" in results:
+        rows += [("validation masked-token loss", results["eval_loss"]),
+                 ("validation perplexity", results["eval_perplexity"]),
+                 ("validation masked-token accuracy", results["eval_accuracy"])]
+    rows += [("saved to", results["output_dir"]), ("wall time", f"{results['wall_seconds']:.1f} s")]
+    return rows
+
+
+if __name__ == "__main__":
+    main()

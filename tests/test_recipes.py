@@ -1,0 +1,541 @@
+"""End-to-end tests of the recipes in `recipes/` and of the shared recipe code (data, tokenizers, metrics).
+
+Each recipe runs for real on a small slice of the shipped data with a tiny model (hidden 32, 2 layers, a few steps);
+the saved folders are reloaded through the Auto classes, and the reported metrics are recomputed from the reloaded
+model's own predictions. Bad data must fail with a message naming the file, the line or column, and what was
+expected. The whole file runs in about a minute on two CPU cores.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    EvalPrediction,
+)
+
+import hf_blueprint
+from hf_blueprint.data import (
+    DataError,
+    build_label_maps,
+    group_texts,
+    load_raw_datasets,
+    read_data_file,
+    require_columns,
+    split_contiguous_tail,
+)
+from hf_blueprint.metrics import classification_metrics, language_model_metrics, load_metric
+from hf_blueprint.recipe_args import DataArguments, ModelArguments, build_config, parse_args
+from hf_blueprint.tokenizer import SPECIAL_TOKEN_LIST, train_tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+DATA = RECIPES / "data"
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
+SST2 = DATA / "sst2"
+TREC = DATA / "trec"
+
+sys.path.insert(0, str(RECIPES))
+import finetune_classification  # noqa: E402
+import pretrain_causal_lm  # noqa: E402
+import pretrain_masked_lm  # noqa: E402
+import quickstart  # noqa: E402
+import train_tokenizer as tokenizer_recipe  # noqa: E402  (not to shadow hf_blueprint's train_tokenizer)
+
+
+TINY = ("hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+        "max_position_embeddings=64,hidden_dropout_prob=0.0")
+QUIET = ["--log_level", "error", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--seed", "0",
+         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "5"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_library_logging():
+    # The recipes set transformers' and datasets' verbosity as the examples do; other test files must not see it.
+    import datasets
+
+    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
+    yield
+    transformers.logging.set_verbosity(before[0])
+    datasets.logging.set_verbosity(before[1])
+
+
+def write(path: Path, content: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shakespeare_slice(tmp_path_factory) -> str:
+    """The first 20,000 characters of tinyshakespeare: 18,000 train / 2,000 validation."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20000]
+    return write(tmp_path_factory.mktemp("data") / "shakespeare.txt", text)
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(tmp_path_factory) -> dict:
+    """400 SST-2 training rows and 64 dev rows, as .tsv files in the GLUE layout."""
+    folder = tmp_path_factory.mktemp("sst2")
+    train = SST2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    dev = SST2.joinpath("dev.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    return {"train": write(folder / "train.tsv", "".join(train[:401])),
+            "dev": write(folder / "dev.tsv", "".join(dev[:65]))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metric modules: loaded by path through `evaluate`, computed from the predictions they are given
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_module_counts_correct_predictions():
+    accuracy = load_metric("accuracy")
+    references = [0, 1, 2, 0, 1, 2]
+    assert accuracy.compute(predictions=[0, 1, 1, 2, 1, 0], references=references)["accuracy"] == pytest.approx(0.5)
+    # One more wrong prediction lowers it by exactly one example.
+    assert accuracy.compute(predictions=[1, 1, 1, 2, 1, 0], references=references)["accuracy"] == pytest.approx(2 / 6)
+    assert accuracy.compute(predictions=[0, 1, 1, 2, 1, 0], references=references, normalize=False)["accuracy"] == 3
+
+
+def test_f1_module_macro_averages_per_class_scores():
+    f1 = load_metric("f1")
+    predictions, references = [0, 2, 1, 0, 0, 1], [0, 1, 2, 0, 1, 2]
+    # Class 0: P = 2/3, R = 1 -> F1 0.8; classes 1 and 2: no true positives -> 0. Macro = 0.8 / 3.
+    assert f1.compute(predictions=predictions, references=references)["f1"] == pytest.approx(0.8 / 3)
+    assert f1.compute(predictions=predictions, references=references, average=None)["f1"] == pytest.approx(
+        [0.8, 0.0, 0.0])
+    assert f1.compute(predictions=predictions, references=references, average="micro")["f1"] == pytest.approx(1 / 3)
+    # Fixing one prediction (the 2nd: 2 -> 1) gives class 1 a true positive: 3 predicted, 2 true -> F1 2/5.
+    fixed = [0, 1, 1, 0, 0, 1]
+    assert f1.compute(predictions=fixed, references=references)["f1"] == pytest.approx((0.8 + 0.4 + 0.0) / 3)
+    # Macro differs from accuracy when classes are imbalanced: a majority-class guesser scores 0.9 vs 0.47.
+    lazy = f1.compute(predictions=[0] * 10, references=[0] * 9 + [1])["f1"]
+    assert lazy == pytest.approx((2 * 9 / 19 + 0.0) / 2)
+
+
+def test_perplexity_module_is_exp_of_mean_negative_log_likelihood():
+    perplexity = load_metric("perplexity")
+    result = perplexity.compute(predictions=[math.log(0.5), math.log(0.25)])
+    assert result["perplexity"] == pytest.approx(math.sqrt(8))  # exp(-(ln 1/2 + ln 1/4) / 2) = 2^1.5
+    assert result["num_tokens"] == 2
+    # A worse prediction for one token raises the perplexity.
+    assert perplexity.compute(predictions=[math.log(0.5), math.log(0.1)])["perplexity"] > result["perplexity"]
+    with pytest.raises(ValueError, match="expected log-probabilities"):
+        perplexity.compute(predictions=[0.7, 2.3])
+
+
+def test_classification_metrics_score_the_argmax_of_the_logits():
+    compute = classification_metrics()
+    logits = np.array([[2.0, 0.1], [0.3, 1.0], [1.5, -1.0], [0.0, 0.4]])
+    labels = np.array([0, 1, 1, 1])
+    metrics = compute(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    logits[2] = [-1.0, 1.5]  # the wrong prediction becomes right
+    assert compute(EvalPrediction(predictions=logits, label_ids=labels))["accuracy"] == pytest.approx(1.0)
+
+
+def test_language_model_metrics_match_the_cross_entropy_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[1, 4:] = -100  # padding: not scored
+    for causal in (True, False):
+        preprocess, compute = language_model_metrics(causal=causal)
+        log_probs, argmax = preprocess(logits, labels)
+        metrics = compute(EvalPrediction(predictions=(log_probs.numpy(), argmax.numpy()), label_ids=labels.numpy()))
+        scored_logits, scored_labels = (logits[:, :-1], labels[:, 1:]) if causal else (logits, labels)
+        loss = torch.nn.functional.cross_entropy(scored_logits.reshape(-1, 11), scored_labels.reshape(-1))
+        assert metrics["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+        mask = scored_labels != -100
+        expected_accuracy = (scored_logits.argmax(-1)[mask] == scored_labels[mask]).float().mean().item()
+        assert metrics["accuracy"] == pytest.approx(expected_accuracy)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: formats, splits, and clear errors for bad data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_trec_reader_replaces_the_0xf0_byte_as_the_original_loaders_do(caplog):
+    with caplog.at_level("WARNING", logger="hf_blueprint.data"):
+        train = read_data_file(str(TREC / "train_5500.label"))
+    assert len(train) == 5452
+    assert "sister city" in train[65]["text"] and train[65]["__line__"] == 66
+    assert "line(s) [66]" in caplog.text and "0xF0" in caplog.text
+    counts = {label: train["label"].count(label) for label in set(train["label"])}
+    assert counts == {"ABBR": 86, "DESC": 1162, "ENTY": 1250, "HUM": 1223, "LOC": 835, "NUM": 896}
+    test = read_data_file(str(TREC / "TREC_10.label"))
+    assert len(test) == 500 and test[0] == {"text": "How far is it from Denver to Aspen ?", "label": "NUM",
+                                            "fine_label": "NUM:dist", "__line__": 1}
+
+
+def test_undecodable_bytes_name_the_file_line_and_byte(tmp_path):
+    path = write(tmp_path / "corpus.txt", b"first line\nsecond \xff line\n")
+    with pytest.raises(DataError, match=r"corpus.txt, line 2, column 8: byte 0xFF is not valid utf-8"):
+        read_data_file(path)
+    # The same byte in a TREC file that is not the known 0xF0 is an error too, not silently replaced.
+    path = write(tmp_path / "questions.label", b"DESC:def What is a \xff ?\n")
+    with pytest.raises(DataError, match=r"questions.label, line 1, column 20: byte 0xFF"):
+        read_data_file(path)
+    assert read_data_file(path, encoding="latin-1")[0]["text"] == "What is a \xff ?"
+
+
+@pytest.mark.parametrize("name", ["empty.txt", "empty.tsv", "empty.label", "blank.csv"])
+def test_empty_file_is_an_error_naming_it(tmp_path, name):
+    path = write(tmp_path / name, "\n  \n" if name.startswith("blank") else "")
+    with pytest.raises(DataError, match=rf"{name} is empty: expected"):
+        read_data_file(path)
+
+
+def test_malformed_rows_name_their_line(tmp_path):
+    path = write(tmp_path / "bad.tsv", "sentence\tlabel\ngood one\t1\ntoo\tmany\tfields\n")
+    with pytest.raises(DataError, match=r"bad.tsv, line 3: expected 2 fields \['sentence', 'label'\]"):
+        read_data_file(path)
+    path = write(tmp_path / "bad.jsonl", '{"text": "a", "label": 0}\n{"text": "b", label: 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid JSON"):
+        read_data_file(path)
+    path = write(tmp_path / "bad.label", "DESC:def What is it ?\nno label here\n")
+    with pytest.raises(DataError, match=r"bad.label, line 2: expected 'COARSE:fine question text'"):
+        read_data_file(path)
+
+
+def test_missing_columns_and_values_name_the_file_and_column(tmp_path):
+    data_args = DataArguments(train_file=write(tmp_path / "train.csv", "review,stars\ngreat,5\nbad,1\n"),
+                              validation_file=write(tmp_path / "dev.json", '[{"text": "ok", "label": 1}, '
+                                                                          '{"text": "meh"}]'))
+    raw, sources = load_raw_datasets(data_args, contiguous_validation=False)
+    with pytest.raises(DataError, match=r"train.csv: no column 'text' \(expected it as --text_column_name\); "
+                                        r"the columns are \['review', 'stars'\]"):
+        require_columns(raw, sources, {"text": "--text_column_name"})
+    with pytest.raises(DataError, match=r"train.csv: no column 'label' \(expected it as --label_column_name\)"):
+        require_columns(raw, sources, {"review": "--text_column_name", "label": "--label_column_name"})
+    del raw["train"]
+    with pytest.raises(DataError, match=r"dev.json, record 2 of the JSON list: column 'label' \(--label_column_name\) has no value"):
+        require_columns(raw, sources, {"text": "--text_column_name", "label": "--label_column_name"})
+
+
+def test_labels_unseen_in_training_are_an_error(tmp_path):
+    data_args = DataArguments(
+        train_file=write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\nc,pos\n"),
+        validation_file=write(tmp_path / "dev.csv", "text,label\nd,neg\ne,neutral\n"),
+    )
+    raw, sources = load_raw_datasets(data_args, contiguous_validation=False)
+    with pytest.raises(DataError, match=r"dev.csv, line 3: label 'neutral' in column 'label' never occurs in the "
+                                        r"training data .*train.csv.*training labels: \['neg', 'pos'\]"):
+        build_label_maps(raw, sources, "label")
+    del raw["validation"]
+    id2label, label2id = build_label_maps(raw, sources, "label")
+    assert id2label == {0: "neg", 1: "pos"} and label2id == {"neg": 0, "pos": 1}
+
+
+def test_integer_labels_are_numbered_numerically_across_formats(tmp_path):
+    data_args = DataArguments(train_file=write(tmp_path / "t.csv", "text,label\na,10\nb,2\nc,1\n"),
+                              validation_file=write(tmp_path / "v.jsonl", '{"text": "d", "label": 2}\n'))
+    raw, sources = load_raw_datasets(data_args, contiguous_validation=False)
+    id2label, _ = build_label_maps(raw, sources, "label")
+    assert id2label == {0: "1", 1: "2", 2: "10"}  # CSV "2" and JSON 2 are one class
+
+
+def test_contiguous_split_is_nanogpts_character_split():
+    train = read_data_file(str(SHAKESPEARE))
+    head, tail = split_contiguous_tail(train, 10, "text")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    n = int(len(text) * 0.9)  # nanoGPT: data[:int(n * 0.9)]
+    assert "".join(head["text"]) == text[:n] and len(text[:n]) == 1_003_854
+    assert "".join(tail["text"]) == text[n:] and len(text[n:]) == 111_540
+
+
+def test_group_texts_packs_whole_blocks_and_copies_labels():
+    packed = group_texts({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]}, block_size=4, labels=True)
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]  # the remainder [9] is dropped
+    assert packed["labels"] == packed["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_char_tokenizer_round_trips_text_and_adds_nothing(tmp_path):
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:5000]
+    tokenizer = train_tokenizer(text.splitlines(keepends=True), tokenizer_type="char", family="decoder")
+    assert len(tokenizer) == len(SPECIAL_TOKEN_LIST) + len(set(text))
+    sample = "First Citizen:\nBefore we  proceed!\n"
+    ids = tokenizer(sample)["input_ids"]
+    assert len(ids) == len(sample) and tokenizer.decode(ids) == sample  # no [CLS], not glued, spaces kept
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(sample)["input_ids"] == ids and reloaded.decode(ids) == sample
+    assert reloaded.convert_ids_to_tokens(reloaded("#")["input_ids"]) == ["[UNK]"]  # never seen in training
+
+
+def test_bpe_tokenizer_families_and_round_trip(tmp_path):
+    lines = SST2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines()[1:3001]
+    texts = [line.rsplit("\t", 1)[0] for line in lines]
+    encoder = train_tokenizer(texts, tokenizer_type="bpe", vocab_size=600, family="encoder")
+    decoder = train_tokenizer(texts, tokenizer_type="bpe", vocab_size=600, family="decoder")
+    assert encoder.get_vocab() == decoder.get_vocab()  # one vocabulary; training is deterministic
+    assert len(encoder) == 600
+    sentence = "a gorgeous , witty , seductive movie ."
+    enc_tokens = encoder.convert_ids_to_tokens(encoder(sentence)["input_ids"])
+    assert enc_tokens[0] == "[CLS]" and enc_tokens[-1] == "[SEP]"
+    pair = encoder.convert_ids_to_tokens(encoder("one", "two")["input_ids"])
+    assert pair[0] == "[CLS]" and pair.count("[SEP]") == 2
+    dec_ids = decoder(sentence)["input_ids"]
+    assert decoder.decode(dec_ids) == sentence and not set(dec_ids) & {encoder.cls_token_id, encoder.sep_token_id}
+    assert encoder.decode(encoder(sentence)["input_ids"], skip_special_tokens=True) == sentence
+    encoder.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.mask_token == "[MASK]" and reloaded.pad_token == "[PAD]" and reloaded.eos_token == "<|endoftext|>"
+    assert reloaded(sentence)["input_ids"] == encoder(sentence)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments: config files, config overrides, --help
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_config_file_then_flags_that_override_it(tmp_path):
+    config = write(tmp_path / "run.yaml", "train_file: a.txt\nblock_size: 32\nmax_steps: 7\nlearning_rate: 1.0e-3\n"
+                                          "lr_scheduler_kwargs: {min_lr: 1.0e-4}\nkeep_linebreaks: false\n")
+    _, data_args, lm_args, training_args = parse_args(
+        (ModelArguments, DataArguments, pretrain_causal_lm.CausalLMArguments, transformers.TrainingArguments),
+        [config, "--max_steps", "9", "--output_dir", str(tmp_path)],
+    )
+    assert (data_args.train_file, lm_args.block_size, training_args.learning_rate) == ("a.txt", 32, 1e-3)
+    assert training_args.max_steps == 9 and data_args.keep_linebreaks is False
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-4}
+
+
+def test_config_overrides_are_validated_by_the_config():
+    args = ModelArguments(model_type="blueprint_decoder",
+                          config_overrides="hidden_size=64,num_attention_heads=4,position_embedding_type=rope,"
+                                           "sliding_window=none,use_cache=false")
+    config = build_config(args)
+    assert (config.hidden_size, config.num_attention_heads, config.head_dim, config.num_key_value_heads) == (
+        64, 4, 16, 4)  # derived fields follow the new heads and width
+    assert config.position_embedding_type == "rope" and config.use_cache is False
+    with pytest.raises(ValueError, match=r"\['hiden_size'\] are not fields of BlueprintDecoderConfig"):
+        build_config(ModelArguments(model_type="blueprint_decoder", config_overrides="hiden_size=64"))
+    with pytest.raises(ValueError, match="position_embedding_type='spiral' is not supported"):
+        build_config(ModelArguments(model_type="blueprint_decoder", config_overrides="position_embedding_type=spiral"))
+
+
+@pytest.mark.parametrize("recipe, flags", [
+    (tokenizer_recipe, ["--tokenizer_type", "--family", "--train_file", "--dataset_name", "--push_to_hub"]),
+    (pretrain_causal_lm, ["--block_size", "--config_overrides", "--resume_from_checkpoint", "--push_to_hub"]),
+    (pretrain_masked_lm, ["--mlm_probability", "--mask_replace_prob", "--line_by_line", "--max_train_samples"]),
+    (finetune_classification, ["--label_column_name", "--model_name_or_path", "--validation_file", "--test_file"]),
+    (quickstart, ["--prompt", "--hidden_size", "--max_steps", "--push_to_hub"]),
+])
+def test_help_documents_every_flag(recipe, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert recipe.__doc__.strip().splitlines()[0] in help_text
+    for flag in flags:
+        assert flag in help_text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_train_tokenizer_recipe_saves_a_folder_autotokenizer_loads(tmp_path, shakespeare_slice):
+    output_dir = tmp_path / "tok"
+    results = tokenizer_recipe.main(["--train_file", shakespeare_slice, "--tokenizer_type", "char",
+                                    "--output_dir", str(output_dir)])
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    train_part = Path(shakespeare_slice).read_text(encoding="utf-8")[:18000]  # the validation 10% is held out
+    assert len(tokenizer) == results["vocab_size"] == len(SPECIAL_TOKEN_LIST) + len(set(train_part))
+    assert tokenizer.decode(tokenizer("First Citizen:\n")["input_ids"]) == "First Citizen:\n"
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory, shakespeare_slice):
+    """pretrain_causal_lm from a YAML config file plus command-line overrides, saving a checkpoint at step 10."""
+    folder = tmp_path_factory.mktemp("clm")
+    config = write(folder / "clm.yaml", f"train_file: {shakespeare_slice}\ntokenizer_type: char\nblock_size: 32\n"
+                                        f"config_overrides: {TINY},position_embedding_type=learned,norm_position=pre\n"
+                                        "max_steps: 50\nlearning_rate: 1.0e-2\n")
+    output_dir = folder / "out"
+    results = pretrain_causal_lm.main([config, *QUIET, "--max_steps", "10", "--save_steps", "10",
+                                       "--output_dir", str(output_dir), "--sample_prompt", "KING:",
+                                       "--sample_max_new_tokens", "80", "--sample_do_sample", "false"])
+    return results, output_dir
+
+
+def test_causal_lm_recipe_trains_evaluates_samples_and_saves(causal_run, shakespeare_slice):
+    results, output_dir = causal_run
+    assert results["global_step"] == 10  # the command-line --max_steps won over the config file's 50
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert isinstance(model, hf_blueprint.BlueprintDecoderForCausalLM)
+    assert (model.config.hidden_size, model.config.position_embedding_type) == (32, "learned")
+    assert model.config.vocab_size == len(tokenizer)
+    assert (output_dir / "README.md").is_file() and (output_dir / "checkpoint-10").is_dir()
+
+    # The model learned something: well below the loss of a uniform guess over the vocabulary.
+    assert results["eval_loss"] < math.log(len(tokenizer)) - 0.5
+    # The reported loss is that of the saved model on the last 10% of the text, recomputed here independently.
+    validation = Path(shakespeare_slice).read_text(encoding="utf-8")[18000:]
+    ids = [tokenizer(line)["input_ids"] for line in validation.splitlines(keepends=True)]
+    blocks = torch.tensor(group_texts({"input_ids": ids}, block_size=32)["input_ids"])
+    with torch.no_grad():
+        loss = model(input_ids=blocks, labels=blocks).loss.item()
+    assert results["eval_loss"] == pytest.approx(loss, abs=1e-4)
+    assert results["eval_perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+    # Past the 64-position table the sample slides its window (greedy here: no special token can cut it short);
+    # the reloaded model generates the same text.
+    assert len(results["sample"]) == 80
+    assert pretrain_causal_lm.generate_sample(model, tokenizer, "KING:", seed=0) == results["sample"]
+
+
+def test_causal_lm_recipe_resumes_from_its_checkpoint(causal_run, shakespeare_slice):
+    _, output_dir = causal_run
+    results = pretrain_causal_lm.main([
+        "--train_file", shakespeare_slice, "--tokenizer_name", str(output_dir), "--block_size", "32",
+        "--config_overrides", f"{TINY},position_embedding_type=learned,norm_position=pre", *QUIET,
+        "--max_steps", "12", "--learning_rate", "1e-2", "--save_strategy", "no", "--output_dir", str(output_dir),
+        "--resume_from_checkpoint", "true", "--sample_max_new_tokens", "0",
+    ])
+    assert results["global_step"] == 12
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 12 and "sample" not in results
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory, sst2_slice):
+    output_dir = tmp_path_factory.mktemp("mlm") / "out"
+    results = pretrain_masked_lm.main([
+        "--train_file", sst2_slice["train"], "--line_by_line", "--max_seq_length", "48", "--tokenizer_vocab_size",
+        "400", "--config_overrides", TINY, *QUIET, "--max_steps", "10", "--learning_rate", "5e-3",
+        "--save_strategy", "no", "--output_dir", str(output_dir),
+    ])
+    return results, output_dir
+
+
+def test_masked_lm_recipe_trains_and_saves_an_encoder(masked_run):
+    results, output_dir = masked_run
+    model = AutoModelForMaskedLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert isinstance(model, hf_blueprint.BlueprintEncoderForMaskedLM)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a fine film")["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert results["global_step"] == 10 and math.isfinite(results["eval_loss"])
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_token_nll"]))
+
+
+def _predict(model, tokenizer, texts, max_length):
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits.argmax(-1).numpy()
+
+
+def _body_weights_equal(model, checkpoint_model) -> bool:
+    ours, theirs = model.base_model.state_dict(), checkpoint_model.base_model.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_finetune_from_the_mlm_checkpoint(masked_run, sst2_slice, tmp_path):
+    _, mlm_dir = masked_run
+    output_dir = tmp_path / "ft"
+    # Learning rate 0: the saved body must be exactly the pretrained encoder, proving it was loaded, not re-initialized.
+    results = finetune_classification.main([
+        "--model_name_or_path", str(mlm_dir), "--train_file", sst2_slice["train"],
+        "--validation_file", sst2_slice["dev"], *QUIET, "--max_steps", "2", "--learning_rate", "0",
+        "--save_strategy", "no", "--output_dir", str(output_dir),
+    ])
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    assert isinstance(model, hf_blueprint.BlueprintEncoderForSequenceClassification)
+    assert _body_weights_equal(model, AutoModelForMaskedLM.from_pretrained(mlm_dir))
+    assert model.config.id2label == {0: "0", 1: "1"} and results["family"] == "encoder"
+    dev = [line.rsplit("\t", 1) for line in Path(sst2_slice["dev"]).read_text().splitlines()[1:]]
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    predictions = _predict(model, tokenizer, [text for text, _ in dev], 64)
+    assert results["eval_accuracy"] == pytest.approx(np.mean(predictions == np.array([int(y) for _, y in dev])))
+
+
+def test_finetune_from_the_causal_lm_checkpoint(causal_run, tmp_path):
+    _, clm_dir = causal_run
+    train = write(tmp_path / "train.jsonl", "".join(
+        json.dumps({"text": text, "label": label}) + "\n"
+        for text, label in [("KING: hail", "royal"), ("Citizen: bread", "common"), ("QUEEN: rest", "royal"),
+                            ("Citizen: corn", "common")] * 4))
+    results = finetune_classification.main([
+        "--model_name_or_path", str(clm_dir), "--train_file", train, "--validation_split_percentage", "25",
+        *QUIET, "--max_steps", "2", "--learning_rate", "0", "--save_strategy", "no",
+        "--output_dir", str(tmp_path / "ft"),
+    ])
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ft")
+    assert isinstance(model, hf_blueprint.BlueprintDecoderForSequenceClassification)
+    assert _body_weights_equal(model, AutoModelForCausalLM.from_pretrained(clm_dir))
+    assert model.config.label2id == {"common": 0, "royal": 1} and results["family"] == "decoder"
+    assert "eval_accuracy" in results and "eval_macro_f1" in results
+
+
+def test_classification_from_scratch_on_trec(tmp_path):
+    output_dir = tmp_path / "trec"
+    results = finetune_classification.main([
+        "--train_file", str(TREC / "train_5500.label"), "--test_file", str(TREC / "TREC_10.label"),
+        "--max_train_samples", "600", "--max_eval_samples", "100", "--tokenizer_vocab_size", "500",
+        "--config_overrides", f"{TINY},classifier_pooling=mean", *QUIET, "--max_steps", "15",
+        "--learning_rate", "3e-3", "--save_strategy", "no", "--output_dir", str(output_dir),
+    ])
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert list(model.config.label2id) == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    # The test metrics are those of the saved model's predictions on the first 100 official test questions.
+    test = read_data_file(str(TREC / "TREC_10.label")).select(range(100))
+    predictions = _predict(model, tokenizer, list(test["text"]), 64)
+    references = np.array([model.config.label2id[label] for label in test["label"]])
+    assert results["test_accuracy"] == pytest.approx(np.mean(predictions == references))
+    per_class = []
+    for c in np.union1d(predictions, references):
+        tp = np.sum((predictions == c) & (references == c))
+        per_class.append(2 * tp / (np.sum(predictions == c) + np.sum(references == c)))
+    assert results["test_macro_f1"] == pytest.approx(np.mean(per_class))
+    assert results["train_examples"] == 600 and "eval_accuracy" in results  # validation carved out of train
+
+
+def test_classification_rejects_validation_labels_training_never_saw(tmp_path):
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t0\n")
+    dev = write(tmp_path / "dev.tsv", "sentence\tlabel\nfine\t1\nodd\t2\n")
+    with pytest.raises(DataError, match=r"dev.tsv, line 3: label '2' in column 'label' never occurs"):
+        finetune_classification.main(["--train_file", train, "--validation_file", dev, "--output_dir",
+                                      str(tmp_path / "out"), *QUIET])
+
+
+def test_quickstart_runs_as_a_script(tmp_path, shakespeare_slice):
+    output_dir = tmp_path / "quick"
+    completed = subprocess.run(
+        [sys.executable, str(RECIPES / "quickstart.py"), "--train_file", shakespeare_slice, "--max_steps", "5",
+         "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--block_size", "32",
+         "--sample_max_new_tokens", "40", "--save_strategy", "no", "--output_dir", str(output_dir)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert step in out
+    assert "| reloaded model, same sample" in out and "| yes" in out
+    assert AutoModelForCausalLM.from_pretrained(output_dir).config.num_hidden_layers == 1
+    assert len(AutoTokenizer.from_pretrained(output_dir / "tokenizer")) == len(AutoTokenizer.from_pretrained(output_dir))
