@@ -48,6 +48,8 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import classification_metrics
+from hf_blueprint.model_card import use_blueprint_model_card
+from hf_blueprint.visualize import add_training_curves
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
@@ -150,6 +152,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics(),
     )
+    use_blueprint_model_card(trainer, task="text-classification")  # the card create_model_card and push_to_hub write
 
     results = {"num_parameters": model.num_parameters(), "num_labels": len(id2label), "family": family,
                "train_examples": len(encoded["train"]), "output_dir": training_args.output_dir}
@@ -175,6 +178,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
     if training_args.do_train:
         trainer.save_model()
         trainer.save_state()
+        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification",
                 "dataset": data_args.dataset_name or sources.get("train")}
         if training_args.push_to_hub:

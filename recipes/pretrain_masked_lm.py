@@ -36,6 +36,8 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import language_model_metrics
+from hf_blueprint.model_card import use_blueprint_model_card
+from hf_blueprint.visualize import add_training_curves
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
@@ -141,6 +143,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         compute_metrics=compute_metrics if has_eval else None,
         preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
     )
+    use_blueprint_model_card(trainer, task="fill-mask")  # the card create_model_card and push_to_hub write
 
     results = {"num_parameters": model.num_parameters(), "train_examples": len(examples["train"]),
                "max_seq_length": max_seq_length, "output_dir": training_args.output_dir}
@@ -158,6 +161,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
     if training_args.do_train:
         trainer.save_model()
         trainer.save_state()
+        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "fill-mask",
                 "dataset": data_args.dataset_name or sources.get("train")}
         if training_args.push_to_hub:

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.recipe_args import DataArguments, ModelArguments, format_summary, parse_args
+from hf_blueprint.visualize import write_attention_map
 
 
 # The sibling recipes are the steps of the quickstart.
@@ -76,6 +77,10 @@ class QuickstartArguments:
     block_size: int = field(default=64, metadata={"help": "Context length in tokens (training blocks)."})
     prompt: str = field(default="ROMEO:", metadata={"help": "Text the sample continues."})
     sample_max_new_tokens: int = field(default=300, metadata={"help": "Length of the sample, in tokens."})
+    attention_text: str = field(
+        default="ROMEO: But soft, what light",
+        metadata={"help": "Text whose attention maps (every layer and head) go to attention_map.png."},
+    )
 
 
 def main(argv=None):
@@ -131,6 +136,9 @@ def run(args: QuickstartArguments, training_args: TrainingArguments) -> dict:
     reloaded_sample = pretrain_causal_lm.generate_sample(model, tokenizer, args.prompt, seed=training_args.seed)
     results["reloaded_sample"] = reloaded_sample
     results["reload_matches"] = reloaded_sample == results["sample"]
+    # Pictures need matplotlib (the [viz] extra); without it they are skipped with a warning.
+    write_attention_map(model, tokenizer, args.attention_text,
+                        os.path.join(training_args.output_dir, "attention_map.png"), view="heads", dpi=80)
     results["wall_seconds"] = time.perf_counter() - started
 
     print(format_summary("quickstart", [

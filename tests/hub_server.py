@@ -157,7 +157,9 @@ class HubHandler(BaseHTTPRequestHandler):
             if repo_id in self.state.repos:
                 return self._send(409, {"error": "You already created this model repo", "url": url})
             self.state.repos[repo_id] = {"sha": uuid.uuid4().hex + "00000000", "files": {},
-                                         "private": bool(request.get("private"))}
+                                         # huggingface_hub 2.x sends `visibility`; older clients `private`
+                                         "private": request.get("visibility") == "private"
+                                         or bool(request.get("private"))}
         return self._send(200, {"url": url, "name": repo_id})
 
     def _commit(self, match, body: bytes):

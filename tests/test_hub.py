@@ -290,3 +290,42 @@ def test_trainer_writes_the_blueprint_model_card_with_model_index(tmp_path):
     assert "| `learning_rate` | `0.001` |" in card.text and "| `seed` | `7` |" in card.text
     assert f"{sum(p.numel() for p in model.parameters()):,}" in card.text
     assert "trust_remote_code=True" in card.text and "import hf_blueprint" in card.text
+
+
+@pytest.mark.parametrize("hub", ["regular"], indirect=True)
+def test_recipe_push_to_hub_uploads_model_tokenizer_and_card(hub, tmp_path):
+    """A recipe run with the Trainer's own --push_to_hub flags, then a clean-room pull of what it pushed."""
+    url, state, upload_mode = hub
+    recipes = Path(__file__).parents[1] / "recipes"
+    text = (recipes / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:20000]
+    (tmp_path / "train.txt").write_text(text, encoding="utf-8")
+    output_dir = tmp_path / "run"
+    env = hub_environment(url, tmp_path / "push_home", upload_mode)
+    trained = subprocess.run(
+        [sys.executable, str(recipes / "pretrain_causal_lm.py"), "--train_file", str(tmp_path / "train.txt"),
+         "--tokenizer_type", "char", "--block_size", "32", "--config_overrides",
+         "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,max_position_embeddings=32",
+         "--max_steps", "4", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to", "none",
+         "--use_cpu", "true", "--sample_max_new_tokens", "8", "--output_dir", str(output_dir),
+         "--push_to_hub", "true", "--hub_model_id", "tester/recipe-push", "--hub_private_repo", "true"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    repo = state.repos["tester/recipe-push"]
+    assert repo["private"]
+    assert {"model.safetensors", "config.json", "modeling_blueprint.py", "tokenizer.json", "README.md"} <= set(
+        repo["files"])
+    card = repo["files"]["README.md"].decode()
+    assert "model-index" in card and "## Architecture" in card and "trust_remote_code=True" in card
+
+    import transformers
+
+    local = transformers.AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    with torch.no_grad():
+        torch.save(local(torch.tensor([[1, 5, 9, 14]])).logits, tmp_path / "expected.pt")
+    pull = PULL_SCRIPT.replace("tester/tiny-blueprint", "tester/recipe-push")
+    pulled = subprocess.run([sys.executable, "-c", pull, str(tmp_path / "expected.pt")],
+                            env=hub_environment(url, tmp_path / "pull_home", upload_mode), capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert "EQUAL" in pulled.stdout

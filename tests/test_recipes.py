@@ -389,6 +389,9 @@ def test_causal_lm_recipe_trains_evaluates_samples_and_saves(causal_run, shakesp
     assert (model.config.hidden_size, model.config.position_embedding_type) == (32, "learned")
     assert model.config.vocab_size == len(tokenizer)
     assert (output_dir / "README.md").is_file() and (output_dir / "checkpoint-10").is_dir()
+    card = (output_dir / "README.md").read_text()
+    assert "## Architecture" in card and "| `position_embedding_type` | `'learned'` |" in card  # the Blueprint card
+    assert (output_dir / "training_curves.png").is_file() and "training_curves.png" in card
 
     # The model learned something: well below the loss of a uniform guess over the vocabulary.
     assert results["eval_loss"] < math.log(len(tokenizer)) - 0.5
@@ -538,4 +541,5 @@ def test_quickstart_runs_as_a_script(tmp_path, shakespeare_slice):
         assert step in out
     assert "| reloaded model, same sample" in out and "| yes" in out
     assert AutoModelForCausalLM.from_pretrained(output_dir).config.num_hidden_layers == 1
+    assert (output_dir / "attention_map.png").is_file() and (output_dir / "training_curves.png").is_file()
     assert len(AutoTokenizer.from_pretrained(output_dir / "tokenizer")) == len(AutoTokenizer.from_pretrained(output_dir))
