@@ -12,9 +12,14 @@ head defaults, and the encoder-decoder's decoder depth and start token.
 This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
 """
 
+import math
 from typing import ClassVar
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "none")
@@ -162,6 +167,69 @@ class BlueprintConfig(PretrainedConfig):
         self.validate_architecture()
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BlueprintConfig":
+        # Recorded (as AutoConfig does) so that from_dict can say which checkpoint a bad config.json belongs to.
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "BlueprintConfig":
+        """As transformers' `from_dict`, plus the checks of a config read from a file: a config.json of another
+        Blueprint family is refused (the weights would run with the wrong attention), unknown keys (a newer version?)
+        and missing switches (an older or hand-written file?) are logged, and a bad field names the file."""
+        source = kwargs.get("name_or_path") or config_dict.get("_name_or_path") or ""
+        where = f"the config.json of {source!r}" if source else "the config dict"
+        found = config_dict.get("model_type")
+        if cls.model_type and isinstance(found, str) and found.startswith("blueprint_") and found != cls.model_type:
+            raise ValueError(
+                f"{where} has model_type {found!r}, but {cls.__name__} reads {cls.model_type!r}: the families differ in "
+                f"their attention (bidirectional, causal, encoder-decoder). Load it with the classes of {found!r} "
+                f"(or the Auto classes)."
+            )
+        if source:
+            known = cls._known_keys()
+            unknown = sorted(key for key in config_dict if key not in known)
+            if unknown:
+                logger.warning(f"{where} has keys this version of hf_blueprint does not know: {unknown}; they are kept "
+                               f"as attributes but nothing reads them (was it saved by a newer version?).")
+            switches = cls._switch_defaults()
+            missing = sorted(field for field in switches if field not in config_dict)
+            if missing:
+                defaults = {field: switches[field] for field in missing}
+                logger.warning(f"{where} does not set {missing}; using the defaults {defaults} (was it written by "
+                               f"hand, or by an older version?).")
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ValueError as error:
+            if not source:
+                raise
+            raise ValueError(f"{error} (in {where})") from error
+
+    @classmethod
+    def _switch_defaults(cls) -> dict:
+        """The fields the Blueprint configs declare (every architectural switch), with their class defaults."""
+        declared = set()
+        for klass in cls.__mro__:
+            if isinstance(klass, type) and issubclass(klass, BlueprintConfig):
+                declared |= set(vars(klass).get("__annotations__", {}))
+        return {name: field.default for name, field in cls.__dataclass_fields__.items() if name in declared}
+
+    @classmethod
+    def _known_keys(cls) -> set:
+        from transformers import GenerationConfig
+
+        keys = set(cls.__dataclass_fields__) | set(cls.attribute_map)
+        keys |= {"model_type", "auto_map", "name_or_path", "_name_or_path", "num_labels", "torch_dtype",
+                 "attn_implementation", "experts_implementation", "output_attentions", "_commit_hash",
+                 "quantization_config", "tokenizer_class", "task_specific_params", "finetuning_task", "prefix",
+                 "per_layer_config", "_attn_implementation_internal", "_experts_implementation_internal"}
+        try:  # generation settings that older configs carry; transformers drops them itself
+            keys |= set(GenerationConfig._get_default_generation_params())
+        except AttributeError:  # pragma: no cover - internal API
+            pass
+        return keys
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "BlueprintConfig":
         """A named classic architecture (`list_presets()` shows them all), with any field overridden:
         `BlueprintDecoderConfig.from_preset("gpt2", num_hidden_layers=6)`."""
@@ -222,8 +290,8 @@ class BlueprintConfig(PretrainedConfig):
                 raise ValueError(f"{name}.{field} must be a probability in [0, 1), got {value!r}.")
         for field in ["layer_norm_eps", "rope_theta", "initializer_range"]:
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}.{field} must be a positive number, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}.{field} must be a finite positive number, got {value!r}.")
 
     def validate_architecture(self):
         """Cross-field rules; also run by transformers' strict validation when the config is saved."""
@@ -308,11 +376,12 @@ class BlueprintSeq2SeqConfig(BlueprintConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
-        if self.decoder_layers is None:
-            self.decoder_layers = self.num_hidden_layers
         value = self.decoder_layers
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{type(self).__name__}.decoder_layers must be a positive integer, got {value!r}.")
+        if value is None and isinstance(self.num_hidden_layers, int) and not isinstance(self.num_hidden_layers, bool):
+            # Only a valid depth is copied; a bad one is reported under its own name by the base checks.
+            self.decoder_layers = self.num_hidden_layers if self.num_hidden_layers >= 1 else None
         start = self.decoder_start_token_id
         if start is not None and (isinstance(start, bool) or not isinstance(start, int)
                                   or not 0 <= start < self.vocab_size):

@@ -204,7 +204,8 @@ def eager_attention_forward(
     the boolean (or absent, meaning plain causal) masks of sdpa, so it can also serve `output_attentions=True`."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # Scaled before the product, not after: in fp16 the unscaled dot products of wide heads overflow to inf.
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))
     if position_bias is not None:
         scores = scores + position_bias
 
@@ -449,6 +450,21 @@ class Pooler(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _unreadable_weights(path) -> str:
+    """What to tell about a weights file safetensors could not read (remote code: no os/json imports here)."""
+    from transformers.modeling_utils import safe_open
+
+    single = f"{path}/model.safetensors"
+    try:
+        with safe_open(single, framework="pt") as f:
+            f.keys()
+    except FileNotFoundError:  # sharded, or not a local folder
+        return f"a .safetensors weights file of {str(path)!r} is truncated or corrupted (re-save or re-download it)"
+    except Exception:  # noqa: BLE001 - SafetensorError or OSError, depending on the damage
+        return f"{single} is truncated or corrupted (not a whole safetensors file)"
+    return f"a .safetensors shard of {str(path)!r} is truncated or corrupted (re-save or re-download it)"
+
+
 class BlueprintPreTrainedModel(PreTrainedModel):
     config_class = BlueprintConfig
     base_model_prefix = "model"
@@ -486,6 +502,29 @@ class BlueprintPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BlueprintForMaskedLM):
             init.zeros_(module.lm_head.bias)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, check_finite_weights: bool = True, **kwargs):
+        """transformers' from_pretrained, plus: a damaged weights file is named (safetensors' own error does not say
+        which file), and a checkpoint holding NaN/inf weights (saved from a diverged run) is refused;
+        `check_finite_weights=False` loads it anyway, to inspect it."""
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): "
+                          f"{_unreadable_weights(pretrained_model_name_or_path)} ({error}).") from error
+        if check_finite_weights:
+            bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
+                   and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+            if bad:
+                raise ValueError(
+                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint holds "
+                    f"non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[:4]}; it was probably saved from "
+                    f"a run that diverged. Load an earlier checkpoint, or pass check_finite_weights=False to inspect it."
+                )
+        return model
+
     def _has_targets(self, logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> bool:
         """Check that there is one label per token, and whether any is scored (not -100; after the shift of next-
         token prediction). With none, heads return a loss of 0 (with a graph) instead of the NaN of an empty mean, so
@@ -495,14 +534,80 @@ class BlueprintPreTrainedModel(PreTrainedModel):
                 f"{type(self).__name__}: `labels` has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}"
                 f" (one label per token; -100 marks tokens to ignore)."
             )
+        self._check_label_values(labels, logits.shape[-1])
         if is_torchdynamo_compiling():
             return True
         scored = labels[..., 1:] if shifted else labels
         return bool((scored != -100).any())
 
+    def _check_label_values(self, labels: torch.Tensor, num_classes: int):
+        """Class-id labels are integers in [0, num_classes), or -100 where nothing is scored; anything else would fail
+        inside cross_entropy with an IndexError that names neither the argument nor the range."""
+        name = type(self).__name__
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"{name}: `labels` must be an integer tensor of class ids (-100 to ignore), got dtype "
+                             f"{labels.dtype}.")
+        if is_torchdynamo_compiling():
+            return
+        scored = labels[labels != -100]
+        if scored.numel():
+            low, high = torch.aminmax(scored)
+            if low < 0 or high >= num_classes:
+                raise ValueError(f"{name}: `labels` must be -100 (ignored) or an id in [0, {num_classes}), found values "
+                                 f"from {int(low)} to {int(high)}.")
+
     @staticmethod
     def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0.0 + 0.0  # connected to the graph, so backward() works; + 0.0 turns -0.0 into 0.0
+
+
+class GenerationChecks:
+    """generate() arguments checked before any decoding step: a clear ValueError instead of a ZeroDivisionError from
+    num_beams=0, an IndexError from an empty prompt, or a position-table error after tokens were already decoded.
+    Listed before GenerationMixin in the heads' bases; overrides internal GenerationMixin hooks (transformers 5.24)."""
+
+    def _prepare_generation_config(self, generation_config, *args, **kwargs):
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, *args, **kwargs)
+        for field in ("num_beams", "num_return_sequences"):
+            value = getattr(generation_config, field, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"generate(): `{field}` must be a positive integer, got {value!r}.")
+        vocab_size = self.config.vocab_size
+        for field in ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            value = getattr(generation_config, field, None)
+            ids = value.tolist() if isinstance(value, torch.Tensor) else value
+            ids = ids if isinstance(ids, (list, tuple)) else [ids]
+            if any(i is not None and not 0 <= int(i) < vocab_size for i in ids):
+                raise ValueError(f"generate(): `{field}`={value!r} lies outside the vocabulary [0, vocab_size="
+                                 f"{vocab_size}): the model can never produce it (a preset's ids with a smaller "
+                                 f"vocabulary?). Set model.generation_config.{field} to an id of this vocabulary.")
+        return generation_config, model_kwargs
+
+    def _prepare_model_inputs(self, *args, **kwargs):
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if input_name == "input_ids" and inputs_tensor is not None and inputs_tensor.dim() == 2 \
+                and 0 in tuple(inputs_tensor.shape):
+            raise ValueError(f"generate(): the prompt `input_ids` has shape {tuple(inputs_tensor.shape)}; expected at "
+                             f"least one sequence of at least one token.")
+        return inputs_tensor, input_name, model_kwargs
+
+    def _prepare_generated_length(self, generation_config, has_default_max_length, has_default_min_length,
+                                  model_input_name, input_ids_length, inputs_tensor):
+        generation_config = super()._prepare_generated_length(
+            generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
+            inputs_tensor,
+        )
+        config = self.config
+        limit = config.max_position_embeddings
+        if config.position_embedding_type in ("sinusoidal", "learned") and generation_config.max_length > limit:
+            raise ValueError(
+                f"generate(): the prompt ({input_ids_length} tokens) plus up to "
+                f"{generation_config.max_length - input_ids_length} new tokens would reach position "
+                f"{generation_config.max_length - 1}, past max_position_embeddings={limit} of the "
+                f"'{config.position_embedding_type}' position table. Ask for at most "
+                f"{max(limit - input_ids_length, 0)} new tokens, or shorten the prompt."
+            )
+        return generation_config
 
 
 class BlueprintModel(BlueprintPreTrainedModel):
@@ -578,7 +683,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         if self.has_cross_attention and encoder_hidden_states is None:
             raise ValueError(f"{type(self).__name__}: this decoder attends over an encoder; pass `encoder_hidden_states`.")
 
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
@@ -598,6 +703,15 @@ class BlueprintModel(BlueprintPreTrainedModel):
             raise ValueError(
                 f"{type(self).__name__}: `attention_mask` covers {attention_mask.shape[1]} positions, expected "
                 f"past ({past_length}) + sequence ({seq_len}) = {past_length + seq_len}."
+            )
+        if attention_mask is not None and attention_mask.dim() == 4 and (
+            attention_mask.shape[0] not in (1, batch_size) or attention_mask.shape[1] not in (1, config.num_attention_heads)
+            or attention_mask.shape[2] != seq_len
+            or (not is_torchdynamo_compiling() and attention_mask.shape[3] < past_length + seq_len)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: a 4D `attention_mask` must have shape (batch or 1, 1 or heads, query={seq_len}, "
+                f"key>={past_length + seq_len}), got {tuple(attention_mask.shape)}."
             )
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
@@ -732,15 +846,20 @@ class BlueprintModel(BlueprintPreTrainedModel):
 
     # -- input checks: a clear error before any arithmetic, instead of an index error deep inside torch -----------
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids=None):
         name = type(self).__name__
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError(f"{name}: pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"{name}: `input_ids` must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-                raise ValueError(f"{name}: `input_ids` must be an integer tensor, got dtype {input_ids.dtype}.")
+            if input_ids.dtype not in (torch.long, torch.int):
+                raise ValueError(f"{name}: `input_ids` must be an integer tensor of dtype torch.long (or torch.int), got "
+                                 f"dtype {input_ids.dtype}; convert it with .long().")
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+                                          or not inputs_embeds.is_floating_point()):
+            raise ValueError(f"{name}: `inputs_embeds` must be a float tensor of shape (batch, sequence, hidden_size="
+                             f"{self.config.hidden_size}), got {tuple(inputs_embeds.shape)} of dtype {inputs_embeds.dtype}.")
         shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"{name}: the inputs have shape {shape}; expected at least one sequence of at least one "
@@ -758,8 +877,23 @@ class BlueprintModel(BlueprintPreTrainedModel):
             )
         if token_type_ids is not None and tuple(token_type_ids.shape) != shape:
             raise ValueError(f"{name}: `token_type_ids` has shape {tuple(token_type_ids.shape)}, expected {shape}.")
+        if position_ids is not None:
+            if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+                raise ValueError(f"{name}: `position_ids` must be an integer tensor, got dtype {position_ids.dtype}.")
+            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != shape[1] or (
+                position_ids.dim() == 2 and position_ids.shape[0] not in (1, shape[0])
+            ):
+                raise ValueError(f"{name}: `position_ids` must have shape (batch or 1, sequence={shape[1]}), got "
+                                 f"{tuple(position_ids.shape)}.")
         if is_torchdynamo_compiling():  # the value checks below need a device sync
             return
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool \
+                and attention_mask.numel() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            found = sorted({float(v) for v in attention_mask.unique()[:6].tolist()})
+            raise ValueError(
+                f"{name}: a 2D `attention_mask` holds 1 for tokens to attend to and 0 for padding, found values {found}. "
+                f"An additive mask (0 / -inf) or a 4D mask must be passed with shape (batch, 1, query, key)."
+            )
         if input_ids is not None and input_ids.numel() > 0:
             low, high = torch.aminmax(input_ids)
             if low < 0 or high >= self.config.vocab_size:
@@ -779,6 +913,11 @@ class BlueprintModel(BlueprintPreTrainedModel):
         if self.embed_positions is None or is_torchdynamo_compiling() or position_ids.numel() == 0:
             return
         limit = self.config.max_position_embeddings
+        if int(position_ids.min()) < 0:
+            raise ValueError(
+                f"{type(self).__name__}: `position_ids` must be >= 0 for the '{self.config.position_embedding_type}' "
+                f"position table, found {int(position_ids.min())}."
+            )
         if int(position_ids.max()) >= limit:
             raise ValueError(
                 f"{type(self).__name__}: position {int(position_ids.max())} is past max_position_embeddings={limit} "
@@ -800,7 +939,7 @@ class BlueprintDecoderModel(BlueprintModel):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationMixin):
+class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, GenerationMixin):
     """Decoder + linear + softmax over the vocabulary: next-token prediction and `generate()`."""
 
     base_model_class = BlueprintDecoderModel
@@ -988,11 +1127,23 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
             if labels.shape[0] != logits.shape[0]:
                 raise ValueError(f"{type(self).__name__}: `labels` has {labels.shape[0]} rows for a batch of "
                                  f"{logits.shape[0]} sequences; expected one label per sequence.")
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+            if self._is_single_label(labels):
+                self._check_label_values(labels, self.num_labels)
+                if not is_torchdynamo_compiling() and not bool((labels != -100).any()):
+                    loss = self._zero_loss(logits)  # nothing to score: 0, not the NaN of an empty mean
+            if loss is None:
+                loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         output = SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if return_dict else output.to_tuple()
+
+    def _is_single_label(self, labels: torch.Tensor) -> bool:
+        """transformers' rule (ForSequenceClassification loss): integer labels over several classes are class ids."""
+        problem_type = self.config.problem_type
+        if problem_type is not None:
+            return problem_type == "single_label_classification"
+        return self.num_labels > 1 and labels.dtype in (torch.long, torch.int)
 
     def _token_mask(self, input_ids, attention_mask) -> torch.Tensor | None:
         """Which positions hold real tokens: the 2D attention mask, else the non-pad ids (like GPT-2 and Llama)."""
@@ -1151,7 +1302,7 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationMixin):
+class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChecks, GenerationMixin):
     """The encoder-decoder with the linear + softmax head: translation, summarization, `generate()`."""
 
     config_class = BlueprintSeq2SeqConfig
@@ -1212,6 +1363,8 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationMixi
         **kwargs,
     ) -> Seq2SeqLMOutput | tuple:
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            self._check_label_values(labels, self.config.vocab_size)  # before the shift turns them into inputs
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
@@ -1233,9 +1386,12 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationMixi
         loss = None
         if labels is not None:
             # Labels are already aligned with the decoder outputs (the shift happened on the input side).
-            loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
-            )
+            if self._has_targets(logits, labels):
+                loss = nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
+                )
+            else:
+                loss = self._zero_loss(logits)
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Pretrained
 
 from .data import iterate_texts
 from .tokenizer import TOKENIZER_TYPES, train_tokenizer
+from .training_guards import NonFiniteLossCallback, resolve_resume_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,12 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow code from the Hub (datasets or models); only for repositories you trust."},
+    )
+    nonfinite_loss: str = field(
+        default="stop",
+        metadata={"help": "When a step's loss or gradients are NaN/inf: 'stop' raises before the update is applied "
+                          "(naming the step), 'skip' drops that update and trains on (giving up after 10 in a row), "
+                          "'off' trains on as the stock Trainer does.", "choices": ["stop", "skip", "off"]},
     )
 
 
@@ -205,16 +212,23 @@ def config_file_to_argv(path: str) -> list[str]:
     return argv
 
 
-def resume_checkpoint(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint true` resumes from the last checkpoint in `output_dir`; a path resumes from it."""
+def resume_checkpoint(training_args) -> str | None:
+    """`--resume_from_checkpoint true` resumes from the newest *complete* checkpoint in `output_dir`: a folder that a
+    killed run (or a full disk) left half-written is skipped, and the log says which and why, where transformers'
+    own choice would take it. A path resumes from that folder, which must be complete."""
     value = training_args.resume_from_checkpoint
     if value is None:
         return None
-    if str(value).lower() in ("true", "last"):
-        return True
-    if not os.path.isdir(value):
+    if str(value).lower() not in ("true", "last") and not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
-    return value
+    return resolve_resume_checkpoint(value, training_args.output_dir)
+
+
+def training_callbacks(model_args: ModelArguments) -> list:
+    """The callbacks every recipe gives its Trainer: the non-finite loss guard (`--nonfinite_loss`)."""
+    if model_args.nonfinite_loss == "off":
+        return []
+    return [NonFiniteLossCallback(policy=model_args.nonfinite_loss)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ from hf_blueprint.recipe_args import (
     resume_checkpoint,
     sequence_length,
     setup_logging,
+    training_callbacks,
 )
+from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
         )
     else:
         model = AutoModelForSequenceClassification.from_config(config)
+    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
 
     with training_args.main_process_first(desc="tokenizing"):
         encoded = tokenize_texts(map_labels(raw, label_column, label2id), tokenizer, text_columns, data_args.preprocessing_num_workers,
@@ -151,6 +154,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics(),
+        callbacks=training_callbacks(model_args),
     )
     use_blueprint_model_card(trainer, task="text-classification")  # the card create_model_card and push_to_hub write
 

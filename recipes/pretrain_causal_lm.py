@@ -51,7 +51,9 @@ from hf_blueprint.recipe_args import (
     resume_checkpoint,
     sequence_length,
     setup_logging,
+    training_callbacks,
 )
+from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
                                                      cache_dir=model_args.cache_dir, token=model_args.token)
     else:
         model = AutoModelForCausalLM.from_config(config)
+    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
     block_size = sequence_length(lm_args.block_size, config, default=1024, flag="--block_size")
 
     with training_args.main_process_first(desc="tokenizing and packing"):
@@ -134,6 +137,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
         data_collator=default_data_collator,
         compute_metrics=compute_metrics if has_eval else None,
         preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
+        callbacks=training_callbacks(model_args),
     )
     use_blueprint_model_card(trainer, task="text-generation")  # the card create_model_card and push_to_hub write
 

@@ -48,7 +48,9 @@ from hf_blueprint.recipe_args import (
     resume_checkpoint,
     sequence_length,
     setup_logging,
+    training_callbacks,
 )
+from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
                                                      cache_dir=model_args.cache_dir, token=model_args.token)
     else:
         model = AutoModelForMaskedLM.from_config(config)
+    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
     max_seq_length = sequence_length(mlm_args.max_seq_length, config, default=512, flag="--max_seq_length")
 
     with training_args.main_process_first(desc="tokenizing"):
@@ -142,6 +145,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         data_collator=collator,
         compute_metrics=compute_metrics if has_eval else None,
         preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
+        callbacks=training_callbacks(model_args),
     )
     use_blueprint_model_card(trainer, task="fill-mask")  # the card create_model_card and push_to_hub write
 

@@ -1,0 +1,374 @@
+"""Guards for long training runs: a step with a non-finite loss never reaches the weights, a half-written checkpoint is
+never resumed from, and a tokenizer that does not fit the model is refused before training starts.
+
+Three pieces, each usable with a stock `transformers.Trainer` (nothing to subclass):
+
+- `NonFiniteLossCallback(policy="stop" | "skip")`: checks every optimizer step *before* it is applied (in
+  `on_pre_optimizer_step`, after backward and gradient clipping) for a non-finite loss or gradient. `"stop"` raises
+  `NonFiniteLossError` naming the step, with the weights still those of the previous step; `"skip"` drops the
+  gradients so that the optimizer leaves the weights and its own state untouched, logs the step, and goes on (and
+  raises after `max_consecutive_skips` skipped steps in a row: a run that only skips is not training). Under DDP
+  the ranks agree on the verdict (one all-reduce), so no replica skips alone.
+- `last_good_checkpoint(output_dir)`: the newest `checkpoint-N` folder that a resume can trust. transformers'
+  `get_last_checkpoint` takes the highest N even when the process was killed while writing it; a Trainer checkpoint
+  is complete only when `trainer_state.json` (written last) is there and parses, and the weights (and optimizer,
+  scheduler, RNG files, when present) are whole files. `resolve_resume_checkpoint` applies it to the value of
+  `--resume_from_checkpoint`.
+- `check_tokenizer_fits_model(tokenizer, model)`: a tokenizer whose ids reach past the model's embedding table
+  fails only at the first batch that contains such an id; this says so up front, naming both.
+
+Why a callback and not a Trainer subclass: a callback composes with any Trainer (Seq2SeqTrainer, TRL's trainers)
+and with other callbacks. It cannot see the value the Trainer computed in `training_step`, so it reads the loss from
+the model's own output through a forward hook (every micro-batch of the accumulation window), and the gradients,
+which decide what the update would do, from the parameters. A loss computed outside the model (label smoothing,
+`compute_loss_func`) is caught through the gradients it produces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import zipfile
+
+import torch
+from transformers import TrainerCallback
+
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("stop", "skip")
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# Files written with torch.save (zip archives): optimizer.pt, scheduler.pt, scaler.pt, rng_state[_N].pth, ...
+TORCH_ZIP_SUFFIXES = (".pt", ".pth", ".bin")
+WEIGHTS_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+WEIGHTS_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a loss or gradient that is NaN or infinite, and the policy says to stop (or to stop skipping)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Non-finite loss guard
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops training, or skips the update, when a step's loss or gradients are not finite.
+
+    Args:
+        policy: `"stop"` raises `NonFiniteLossError` before the bad update is applied, so the weights in memory (and
+            every checkpoint) are those after the previous step. `"skip"` discards the step's gradients: the
+            optimizer then leaves every parameter and its own moments unchanged (torch optimizers skip parameters
+            whose `.grad` is None), the learning-rate schedule and `global_step` still advance, and training goes on.
+        max_consecutive_skips: with `"skip"`, raise once this many steps in a row were skipped (diverged weights or
+            a broken data stream, not one bad batch). `None` never gives up.
+        check_gradients: also look at the gradients (after clipping). On by default: a loss computed outside the
+            model is invisible to the forward hook, and an overflow in backward shows up only there.
+
+    Use: `Trainer(..., callbacks=[NonFiniteLossCallback(policy="skip")])`. After training, `skipped_steps` lists the
+    steps whose update was dropped.
+
+    With fp16 mixed precision (a `GradScaler`), infinite gradients are part of dynamic loss scaling and the scaler
+    already skips those steps, so only the loss is checked; `"skip"` of a non-finite loss is then left to the scaler
+    (whose gradients are non-finite too). Under DeepSpeed the gradients live in the engine, not in `.grad`: only the
+    loss is checked and `"skip"` is refused.
+    """
+
+    def __init__(self, policy: str = "stop", max_consecutive_skips: int | None = 10, check_gradients: bool = True):
+        if policy not in POLICIES:
+            raise ValueError(f"NonFiniteLossCallback.policy={policy!r} is not supported; "
+                             f"choose one of {list(POLICIES)}.")
+        if max_consecutive_skips is not None and (isinstance(max_consecutive_skips, bool)
+                                                  or not isinstance(max_consecutive_skips, int)
+                                                  or max_consecutive_skips < 1):
+            raise ValueError(f"NonFiniteLossCallback.max_consecutive_skips must be a positive integer or None, "
+                             f"got {max_consecutive_skips!r}.")
+        self.policy = policy
+        self.max_consecutive_skips = max_consecutive_skips
+        self.check_gradients = check_gradients
+        self.skipped_steps: list[int] = []
+        self._consecutive_skips = 0
+        self._window_losses: list[torch.Tensor] = []
+        self._hook = None
+
+    # -- wiring ------------------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.policy == "skip" and getattr(args, "deepspeed", None):
+            raise ValueError("NonFiniteLossCallback(policy='skip') cannot drop an update under DeepSpeed (the "
+                             "gradients live in the engine); use policy='stop'.")
+        self._remove_hook()
+        self._window_losses = []
+        self._consecutive_skips = 0
+        if model is not None:
+            self._hook = model.register_forward_hook(self._record_loss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hook()
+
+    def _remove_hook(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _record_loss(self, module, inputs, output):
+        if not module.training:
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._window_losses.append(loss.detach())  # checked once per optimizer step: no sync per micro-batch
+
+    # -- the check ---------------------------------------------------------------------------------------------------
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step + 1  # the step this update would complete, as the logs will number it
+        losses, self._window_losses = self._window_losses, []
+        bad_losses = [value for loss in losses if not bool(torch.isfinite(loss).all())
+                      for value in loss.float().flatten().tolist()]
+        # Under a GradScaler, overflowing gradients are routine (the loss scale is too high) and the scaler skips
+        # those steps itself: only the loss says something is wrong.
+        has_scaler = getattr(optimizer, "scaler", None) is not None
+        bad_grads = non_finite_gradients(model) if model is not None and (self.check_gradients or has_scaler) else []
+        local_bad = bool(bad_losses) or (not has_scaler and bool(bad_grads))
+        # Under DDP the gradients are already averaged (the same on every rank) but each rank has its own loss: all
+        # ranks must take the same decision, or a skip on one rank alone would let the replicas drift apart.
+        if not _any_rank(local_bad, model):
+            self._consecutive_skips = 0
+            return
+        if not local_bad:
+            bad_losses = ["(on another rank)"]
+
+        what = []
+        if bad_losses:
+            what.append(f"loss {_format_values(bad_losses)}")
+        if bad_grads:
+            shown = ", ".join(bad_grads[:3]) + (f" and {len(bad_grads) - 3} more" if len(bad_grads) > 3 else "")
+            what.append(f"non-finite gradients in {len(bad_grads)} parameter(s) ({shown})")
+        epoch = f", epoch {state.epoch:.2f}" if state.epoch is not None else ""
+        message = f"Non-finite training step {step}{epoch}: {'; '.join(what)}."
+
+        # With a scaler the update is skipped only if the gradients are non-finite too (the scaler sees those).
+        can_skip = not has_scaler or bool(bad_grads)
+        if self.policy == "stop" or not can_skip:
+            raise NonFiniteLossError(
+                f"{message} Training stopped before applying this update (NonFiniteLossCallback(policy="
+                f"'{self.policy}')): the weights are those after step {step - 1}. Lower the learning rate, check the "
+                f"batch, or resume from the last checkpoint.", step)
+
+        if not has_scaler:
+            drop_gradients(model)  # torch optimizers skip parameters without a gradient: no update, moments untouched
+        self.skipped_steps.append(step)
+        self._consecutive_skips += 1
+        logger.warning(f"{message} Skipped: this update was not applied (skipped steps so far: {self.skipped_steps}).")
+        if self.max_consecutive_skips is not None and self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"{message} That is {self._consecutive_skips} skipped steps in a row (max_consecutive_skips="
+                f"{self.max_consecutive_skips}): the run has diverged or its data is broken; stopping.", step)
+
+
+def _any_rank(flag: bool, model) -> bool:
+    """`flag` or-ed over the ranks of torch.distributed (one tiny all-reduce), or `flag` alone without it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return flag
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    if torch.distributed.get_backend() == "gloo":
+        device = torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def non_finite_gradients(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an infinity (one device sync)."""
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(grad).all().to("cpu", non_blocking=True) for _, grad in named])
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def drop_gradients(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _format_values(values: list) -> str:
+    shown = ", ".join(v if isinstance(v, str) else str(v) if math.isnan(v) or math.isinf(v) else f"{v:.4g}"
+                      for v in values[:4])
+    return shown + (", ..." if len(values) > 4 else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoint integrity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_problems(path: str | os.PathLike) -> list[str]:
+    """Why the Trainer checkpoint folder `path` cannot be resumed from; an empty list when it is complete.
+
+    Complete means: `trainer_state.json` exists and parses (the Trainer writes it after everything else), its
+    `global_step` matches the folder's number, a weights file exists and is whole (safetensors header covering
+    the file, or a readable zip archive; every shard of a sharded index), and each torch.save file present
+    (optimizer, scheduler, scaler, RNG states) is a whole zip archive. A file cut short by a kill or a full disk
+    fails these checks; corruption inside a whole file (flipped bits) does not, as the Trainer writes no checksums.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return [f"{path} is not a folder"]
+    problems = []
+    state_file = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_file):
+        problems.append(f"no {TRAINER_STATE_NAME} (the Trainer writes it last: the save did not finish)")
+    else:
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                state = json.load(f)
+            match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+            if not isinstance(state, dict):
+                problems.append(f"{TRAINER_STATE_NAME} is not a JSON object")
+            elif match and state.get("global_step") != int(match.group(1)):
+                problems.append(f"{TRAINER_STATE_NAME} has global_step {state.get('global_step')!r}, "
+                                f"expected {int(match.group(1))} for this folder")
+        except (OSError, ValueError) as error:
+            problems.append(f"{TRAINER_STATE_NAME} is unreadable ({error})")
+
+    weights = [name for name in WEIGHTS_FILES + WEIGHTS_INDEX_FILES if os.path.isfile(os.path.join(path, name))]
+    # DeepSpeed (global_step*/) and FSDP (pytorch_model_fsdp_*/) keep their own sharded layouts: past
+    # trainer_state.json, which still gates them, their files are theirs to check.
+    engine_layout = any(name.startswith(("global_step", "pytorch_model_fsdp")) for name in os.listdir(path))
+    if not weights and not engine_layout:
+        problems.append(f"no weights file (none of {list(WEIGHTS_FILES + WEIGHTS_INDEX_FILES)})")
+    for name in weights:
+        problems.extend(_weights_file_problems(path, name))
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.endswith(TORCH_ZIP_SUFFIXES) and name not in weights and os.path.isfile(file):
+            problem = _zip_problem(file)
+            if problem:
+                problems.append(f"{name} {problem}")
+    return problems
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    return not checkpoint_problems(path)
+
+
+def last_good_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that is complete (see `checkpoint_problems`), or None.
+
+    Each newer folder that is skipped is logged with the reason, so a resume after a crash says which checkpoint it
+    did not trust and why."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    candidates = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            candidates.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(candidates, reverse=True):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path
+        logger.warning(f"Not resuming from {path}: {'; '.join(problems)}.")
+    return None
+
+
+def resolve_resume_checkpoint(value, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to pass to `Trainer.train(resume_from_checkpoint=...)` for a `--resume_from_checkpoint` value.
+
+    `None`/`False`: no resume. `True`, `"true"` or `"last"`: the newest complete checkpoint in `output_dir` (a
+    ValueError if there is none, as transformers does). A path: that folder, which must be complete."""
+    if value is None or value is False or str(value).lower() in ("false", "none", ""):
+        return None
+    if value is True or str(value).lower() in ("true", "last"):
+        found = last_good_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir} "
+                             f"(incomplete ones, if any, are logged above with the reason).")
+        return found
+    problems = checkpoint_problems(value)
+    if problems:
+        raise ValueError(f"--resume_from_checkpoint {value}: cannot resume from this folder: {'; '.join(problems)}.")
+    return os.fspath(value)
+
+
+def _weights_file_problems(folder: str, name: str) -> list[str]:
+    file = os.path.join(folder, name)
+    if name.endswith(".index.json"):
+        try:
+            with open(file, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            return [f"{name} is unreadable ({error})"]
+        problems = []
+        for shard in shards:
+            if not os.path.isfile(os.path.join(folder, shard)):
+                problems.append(f"shard {shard} listed in {name} is missing")
+            else:
+                problems.extend(_weights_file_problems(folder, shard))
+        return problems
+    if name.endswith(".safetensors"):
+        problem = _safetensors_problem(file)
+    else:
+        problem = _zip_problem(file)
+    return [f"{name} {problem}"] if problem else []
+
+
+def _safetensors_problem(file: str) -> str | None:
+    """None when the header parses and its tensors exactly cover the file (safetensors checks both on open)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as error:  # SafetensorError, OSError: the exact class depends on the safetensors version
+        return f"is not a whole safetensors file ({error})"
+    return None
+
+
+def _zip_problem(file: str) -> str | None:
+    """None when `file` is a zip archive whose central directory (written at the very end) is intact."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"is not a whole torch.save archive ({error})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer and model agreement
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_tokenizer_fits_model(tokenizer, model_or_config) -> None:
+    """Raise a ValueError when the tokenizer can produce ids the model has no embedding for.
+
+    A tokenizer smaller than the model's vocabulary is fine (tables are often padded to a multiple of 64); a larger
+    one fails only at the first batch that contains one of the extra ids, possibly hours into a run."""
+    config = getattr(model_or_config, "config", model_or_config)
+    vocab_size = config.vocab_size
+    embeddings = getattr(model_or_config, "get_input_embeddings", None)
+    if callable(embeddings) and embeddings() is not None:
+        vocab_size = embeddings().num_embeddings
+    size = len(tokenizer)
+    if size > vocab_size:
+        tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        model_name = getattr(config, "_name_or_path", "") or type(config).__name__
+        raise ValueError(
+            f"The tokenizer ({tokenizer_name}) has {size} tokens (ids 0..{size - 1}) but the model ({model_name}) "
+            f"embeds only vocab_size={vocab_size} ids: any id >= {vocab_size} would fail at the first batch that "
+            f"contains it. Use the model's own tokenizer, or grow the model with "
+            f"model.resize_token_embeddings(len(tokenizer)) before training."
+        )
