@@ -329,3 +329,16 @@ def test_recipe_push_to_hub_uploads_model_tokenizer_and_card(hub, tmp_path):
                             text=True, timeout=300, cwd=tmp_path)
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert "EQUAL" in pulled.stdout
+
+
+def test_safetensors_is_preferred_over_a_pickle_in_the_same_folder(tmp_path):
+    """Weights are saved as safetensors only; a pytorch_model.bin planted beside them is not what loads."""
+    torch.manual_seed(0)
+    model = hf_blueprint.BlueprintDecoderForCausalLM(FAMILIES["decoder"]).eval()
+    model.save_pretrained(tmp_path)
+    assert not (tmp_path / "pytorch_model.bin").exists()
+    planted = {name: torch.zeros_like(tensor) for name, tensor in model.state_dict().items()}
+    torch.save(planted, tmp_path / "pytorch_model.bin")
+    reloaded = hf_blueprint.BlueprintDecoderForCausalLM.from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
