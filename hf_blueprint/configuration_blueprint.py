@@ -13,7 +13,7 @@ This file is also shipped as Hub remote code: it may import only torch, transfor
 """
 
 import math
-from typing import ClassVar
+from typing import ClassVar, get_origin
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -211,7 +211,8 @@ class BlueprintConfig(PretrainedConfig):
         declared = set()
         for klass in cls.__mro__:
             if isinstance(klass, type) and issubclass(klass, BlueprintConfig):
-                declared |= set(vars(klass).get("__annotations__", {}))
+                declared |= {name for name, annotation in vars(klass).get("__annotations__", {}).items()
+                             if get_origin(annotation) is not ClassVar}  # class constants are never saved
         return {name: field.default for name, field in cls.__dataclass_fields__.items() if name in declared}
 
     @classmethod

@@ -371,7 +371,8 @@ def setup_logging(training_args) -> None:
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
-    for name in ("hf_blueprint", "__main__"):
+    # The root logger too: a recipe imported by another (the quickstart) logs under its module name, not __main__.
+    for name in ("hf_blueprint", "__main__", None):
         logging.getLogger(name).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)

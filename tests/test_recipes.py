@@ -3,7 +3,7 @@
 Each recipe runs for real on a small slice of the shipped data with a tiny model (hidden 32, 2 layers, a few steps);
 the saved folders are reloaded through the Auto classes, and the reported metrics are recomputed from the reloaded
 model's own predictions. Bad data must fail with a message naming the file, the line or column, and what was
-expected. The whole file runs in about a minute on two CPU cores.
+expected. The whole file runs in well under a minute on two shared CPU cores.
 """
 
 import json
@@ -61,15 +61,30 @@ QUIET = ["--log_level", "error", "--disable_tqdm", "true", "--dataloader_pin_mem
          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "5"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models gain nothing from a second thread, and on a shared 2-core machine two spin-waiting OpenMP threads
+    # made a training step up to 40x slower (docs/RESULTS.md). Restored for the other test files.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_library_logging():
-    # The recipes set transformers' and datasets' verbosity as the examples do; other test files must not see it.
+    # The recipes set transformers' and datasets' verbosity and the level of the package's and the root logger, as the
+    # examples do; other test files (e.g. ones that catch the package's warnings) must not see it.
     import datasets
+    import logging
 
-    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
+    loggers = [logging.getLogger(name) for name in ("hf_blueprint", "__main__", None)]
+    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity(), [lg.level for lg in loggers]
     yield
     transformers.logging.set_verbosity(before[0])
     datasets.logging.set_verbosity(before[1])
+    for logger, level in zip(loggers, before[2]):
+        logger.setLevel(level)
 
 
 def write(path: Path, content: str | bytes) -> str:
