@@ -26,7 +26,7 @@ POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "none")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("post", "pre")
 FFN_TYPES = ("mlp", "glu")
-CLASSIFIER_POOLINGS = ("first", "mean", "last")
+CLASSIFIER_POOLINGS = ("first", "mean", "last", "max")
 
 
 def _known_activations() -> list[str]:
@@ -91,7 +91,8 @@ class BlueprintConfig(PretrainedConfig):
 
     Heads:
         classifier_pooling: how sequence classification reduces the sequence: `"first"` token ([CLS], BERT),
-            `"mean"` over real tokens, or `"last"` real token (GPT-2, Llama; the decoder default).
+            `"mean"` over real tokens, `"last"` real token (GPT-2, Llama; the decoder default), or the element-wise
+            `"max"` over real tokens (max-over-time, the pooling of Kim's 2014 CNN sentence classifiers).
         add_pooling_layer: BERT's pooler, a dense layer + tanh over the pooled vector, in the base model
             (`pooler_output`); encoder family only.
     """

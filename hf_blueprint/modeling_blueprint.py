@@ -413,12 +413,19 @@ class TransformerBlock(GradientCheckpointingLayer):
 
 
 def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, strategy: str) -> torch.Tensor:
-    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` real token ([CLS]), the `mean` of real tokens, or
-    the `last` real token. Real tokens come from the mask, so left and right padding both work."""
+    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` real token ([CLS]), the `mean` of real tokens, the
+    `last` real token, or the element-wise `max` over real tokens. Real tokens come from the mask, so left and right
+    padding both work."""
     if token_mask is None:
         if strategy == "mean":
             return hidden_states.mean(dim=1)
+        if strategy == "max":
+            return hidden_states.amax(dim=1)
         return hidden_states[:, 0] if strategy == "first" else hidden_states[:, -1]
+    if strategy == "max":
+        is_real = token_mask.bool()
+        pooled = hidden_states.masked_fill(~is_real[..., None], torch.finfo(hidden_states.dtype).min).amax(dim=1)
+        return pooled.masked_fill(~is_real.any(dim=1, keepdim=True), 0.0)  # a row of pads pools to zeros, not -3e38
     if strategy == "mean":
         token_mask = token_mask.to(hidden_states.dtype)
         summed = (hidden_states * token_mask[..., None]).sum(dim=1)
@@ -1076,7 +1083,7 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
 
 
 class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
-    """Pools the sequence (`config.classifier_pooling`: first / mean / last real token) and classifies it. With
+    """Pools the sequence (`config.classifier_pooling`: first / mean / last real token / max over real tokens) and classifies it. With
     `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT)."""
 
     base_model_class = BlueprintModel

@@ -68,7 +68,8 @@ class ModelArguments:
     )
     tokenizer_type: str = field(
         default="bpe",
-        metadata={"help": "Kind of tokenizer to train when none is given: byte-level BPE or characters.",
+        metadata={"help": "Kind of tokenizer to train when none is given: byte-level BPE, characters, or "
+                          "words (for small labelled sets: rare words become [UNK]).",
                   "choices": TOKENIZER_TYPES},
     )
     tokenizer_vocab_size: int = field(
@@ -76,8 +77,8 @@ class ModelArguments:
     )
     tokenizer_min_frequency: int | None = field(
         default=None,
-        metadata={"help": "A BPE merge or character seen fewer times is left out of a new tokenizer "
-                          "(default: 2 for bpe, 1 for char)."},
+        metadata={"help": "A BPE merge, character or word seen fewer times is left out of a new tokenizer "
+                          "(default: 2 for bpe and word, 1 for char)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache files downloaded from the Hub."})
     token: str | None = field(

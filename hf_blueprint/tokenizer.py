@@ -1,9 +1,12 @@
 """Training tokenizers for Blueprint models with the `tokenizers` library.
 
-Two kinds:
+Three kinds:
     `"bpe"`   byte-level BPE (GPT-2 style): every byte is in the base alphabet, so no text is ever unknown.
     `"char"`  one token per character (char-rnn / nanoGPT style), for small corpora; characters never seen in
               training become `[UNK]`.
+    `"word"`  one token per word or run of punctuation (the vocabulary of word-embedding classifiers such as Kim's
+              2014 CNN), for small labelled sets: a word seen fewer than `min_frequency` times becomes `[UNK]`, so
+              the model learns what to do with words it has not seen, which test sets are full of.
 
 Every tokenizer carries the special tokens of both families, so one vocabulary serves an encoder and a decoder:
 `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` (BERT's) and `<|endoftext|>` (GPT-2's bos/eos). What differs by family
@@ -22,7 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 
-TOKENIZER_TYPES = ("bpe", "char")
+TOKENIZER_TYPES = ("bpe", "char", "word")
 FAMILIES = ("encoder", "decoder")
 
 SPECIAL_TOKENS = {
@@ -51,11 +54,12 @@ def train_tokenizer(
 
     Args:
         texts: the training texts (any iterable of strings; read once).
-        tokenizer_type: `"bpe"` (byte-level BPE) or `"char"` (character level).
-        vocab_size: the largest vocabulary to build, special tokens included. For `"char"` it caps the number of
-            distinct characters kept (the most frequent win); the vocabulary is usually much smaller.
-        min_frequency: a merge (BPE) or a character (char) seen fewer times than this is not added. Default: 2 for
-            BPE (merges seen once are noise), 1 for characters (nanoGPT keeps every character of the text).
+        tokenizer_type: `"bpe"` (byte-level BPE), `"char"` (character level) or `"word"` (word level).
+        vocab_size: the largest vocabulary to build, special tokens included. For `"char"` and `"word"` it caps the
+            number of distinct characters or words kept (the most frequent win).
+        min_frequency: a merge (BPE), character or word seen fewer times than this is not added. Default: 2 for
+            BPE (merges seen once are noise) and words (so that `[UNK]` is trained), 1 for characters (nanoGPT keeps
+            every character of the text).
         family: `"encoder"` adds `[CLS] ... [SEP]` around every text, `"decoder"` adds nothing.
         model_max_length: recorded in the saved tokenizer config (the model's longest input), if known.
     """
@@ -67,9 +71,11 @@ def train_tokenizer(
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKEN_LIST)} special tokens, got {vocab_size}.")
 
     if min_frequency is None:
-        min_frequency = 2 if tokenizer_type == "bpe" else 1
+        min_frequency = 1 if tokenizer_type == "char" else 2
     if tokenizer_type == "bpe":
         backend = _train_byte_level_bpe(texts, vocab_size, min_frequency)
+    elif tokenizer_type == "word":
+        backend = _train_word_level(texts, vocab_size, min_frequency)
     else:
         backend = _train_char_level(texts, vocab_size, min_frequency)
     set_family(backend, family)
@@ -129,6 +135,17 @@ def _train_char_level(texts: Iterable[str], vocab_size: int, min_frequency: int)
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     # WordLevel's default decoding joins tokens with spaces; characters must be concatenated back as they were.
     backend.decoder = decoders.Fuse()
+    return backend
+
+
+def _train_word_level(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    backend = Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS["unk_token"]))
+    # Words (\w+) and punctuation runs are tokens; whitespace only separates them, and decoding joins with spaces.
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKEN_LIST, show_progress=False
+    )
+    backend.train_from_iterator(_strings(texts), trainer=trainer)
     return backend
 
 

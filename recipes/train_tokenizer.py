@@ -31,15 +31,17 @@ class TokenizerTrainingArguments:
 
     output_dir: str = field(default="out/tokenizer", metadata={"help": "Folder to save the tokenizer in."})
     tokenizer_type: str = field(
-        default="bpe", metadata={"help": "Byte-level BPE, or one token per character.", "choices": TOKENIZER_TYPES}
+        default="bpe", metadata={"help": "Byte-level BPE, one token per character, or one per word.",
+                               "choices": TOKENIZER_TYPES}
     )
     vocab_size: int = field(
         default=8000,
-        metadata={"help": "Largest vocabulary, special tokens included (char: caps the number of characters kept)."},
+        metadata={"help": "Largest vocabulary, special tokens included (char, word: caps the characters or words kept)."},
     )
     min_frequency: int | None = field(
         default=None,
-        metadata={"help": "A merge or character seen fewer times is left out (default: 2 for bpe, 1 for char)."},
+        metadata={"help": "A merge, character or word seen fewer times is left out (default: 2 for bpe and word, "
+                          "1 for char)."},
     )
     family: str = field(
         default="decoder",

@@ -270,7 +270,7 @@ def test_decoder_left_padded_batch_with_explicit_position_ids(pos):
 
 
 @pytest.mark.parametrize("family,padding", [("encoder", "right"), ("decoder", "left"), ("decoder", "right")])
-@pytest.mark.parametrize("pooling", ["first", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["first", "mean", "last", "max"])
 def test_sequence_classification_ignores_padding(family, padding, pooling):
     cls_name = f"Blueprint{family.capitalize()}ForSequenceClassification"
     model = tiny_model(cls_name, classifier_pooling=pooling, num_labels=3)
@@ -291,7 +291,7 @@ def test_sequence_classification_ignores_padding(family, padding, pooling):
 
 
 @pytest.mark.parametrize("family,padding", [("encoder", "right"), ("decoder", "left"), ("decoder", "right")])
-@pytest.mark.parametrize("pooling", ["first", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["first", "mean", "last", "max"])
 def test_classifier_input_is_the_configured_pooling(family, padding, pooling):
     cls_name = f"Blueprint{family.capitalize()}ForSequenceClassification"
     model = tiny_model(cls_name, classifier_pooling=pooling, num_labels=3)
@@ -311,6 +311,8 @@ def test_classifier_input_is_the_configured_pooling(family, padding, pooling):
             expected.append(hidden[i, positions[0]])
         elif pooling == "last":
             expected.append(hidden[i, positions[-1]])
+        elif pooling == "max":
+            expected.append(hidden[i, positions].max(0).values)
         else:
             expected.append(hidden[i, positions].mean(0))
     torch.testing.assert_close(seen["x"], torch.stack(expected), atol=1e-6, rtol=1e-6)

@@ -297,6 +297,20 @@ def test_char_tokenizer_round_trips_text_and_adds_nothing(tmp_path):
     assert reloaded.convert_ids_to_tokens(reloaded("#")["input_ids"]) == ["[UNK]"]  # never seen in training
 
 
+def test_word_tokenizer_keeps_frequent_words_and_maps_rare_ones_to_unk(tmp_path):
+    texts = ["what is a cat ?", "what is a dog ?", "who owns the cat ?", "a zebra"]
+    tokenizer = train_tokenizer(texts, tokenizer_type="word", family="encoder")  # min_frequency 2 by default
+    vocab = set(tokenizer.get_vocab()) - set(SPECIAL_TOKEN_LIST)
+    assert vocab == {"what", "is", "a", "cat", "?"}  # dog, who, owns, the, zebra were seen once
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("what is a zebra?")["input_ids"])
+    assert tokens == ["[CLS]", "what", "is", "a", "[UNK]", "?", "[SEP]"]  # punctuation splits off the word
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.decode(reloaded("what is a cat ?")["input_ids"], skip_special_tokens=True) == "what is a cat ?"
+    assert len(train_tokenizer(texts, tokenizer_type="word", min_frequency=1, family="encoder")) == len(
+        SPECIAL_TOKEN_LIST) + 10
+
+
 def test_bpe_tokenizer_families_and_round_trip(tmp_path):
     lines = SST2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines()[1:3001]
     texts = [line.rsplit("\t", 1)[0] for line in lines]

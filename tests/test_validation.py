@@ -19,7 +19,7 @@ CHOICES = {
     "norm_type": ("batchnorm", ["layernorm", "rmsnorm"]),
     "norm_position": ("sandwich", ["post", "pre"]),
     "ffn_type": ("moe", ["mlp", "glu"]),
-    "classifier_pooling": ("max", ["first", "mean", "last"]),
+    "classifier_pooling": ("attention", ["first", "mean", "last", "max"]),
 }
 
 
@@ -214,7 +214,7 @@ def test_fully_padded_row_gives_no_nan(family, pos, impl, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("pooling", ["first", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["first", "mean", "last", "max"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fully_padded_row_gives_finite_classification_logits(family, pooling, dtype):
     model = tiny_model(f"Blueprint{family.capitalize()}ForSequenceClassification", classifier_pooling=pooling)
