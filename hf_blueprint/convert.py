@@ -191,9 +191,7 @@ class Architecture:
 
     def droppable_hint(self, key: str) -> str | None:
         """Why a weight (named as in the native model) has no place there; None: it must not be dropped. Only an
-        all-zero tensor or an unused pooler is ever dropped."""
-        if ".pooler." in f".{key}":  # only encoders have one (BlueprintConfig refuses a decoder pooler)
-            return "BertForMaskedLM and BertForTokenClassification have no pooler (it does not affect their outputs)"
+        all-zero tensor is ever dropped."""
         return None
 
 

@@ -629,6 +629,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         is_causal: bool | None = None,
         has_cross_attention: bool = False,
         num_layers: int | None = None,
+        add_pooling_layer: bool | None = None,
     ):
         super().__init__(config)
         self.is_causal = config.is_causal if is_causal is None else is_causal
@@ -654,7 +655,8 @@ class BlueprintModel(BlueprintPreTrainedModel):
             TransformerBlock(config, i, self.is_causal, has_cross_attention) for i in range(num_layers)
         )
         self.norm = build_norm(config) if config.norm_position == "pre" else None
-        self.pooler = Pooler(config) if config.add_pooling_layer else None
+        add_pooling_layer = config.add_pooling_layer if add_pooling_layer is None else add_pooling_layer
+        self.pooler = Pooler(config) if add_pooling_layer else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -1035,7 +1037,8 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
 
     def __init__(self, config: BlueprintConfig):
         super().__init__(config)
-        self.model = self.base_model_class(config)
+        # No pooler, as in BertForMaskedLM: its output would be unused (and DDP would wait for its gradients).
+        self.model = self.base_model_class(config, add_pooling_layer=False)
         self.mlm_transform = MaskedLMTransform(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
@@ -1087,6 +1090,9 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
     `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT)."""
 
     base_model_class = BlueprintModel
+    # Its loss is a mean over this batch, not a sum divided by the Trainer's `num_items_in_batch`: without this, the
+    # Trainer (which sees **kwargs in forward) multiplies it by the number of ranks and of accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: BlueprintConfig):
         super().__init__(config)
@@ -1165,11 +1171,14 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
     """A classifier on every position (NER, tagging)."""
 
     base_model_class = BlueprintEncoderModel
+    # Its loss is a mean over this batch, not a sum divided by the Trainer's `num_items_in_batch`: without this, the
+    # Trainer (which sees **kwargs in forward) multiplies it by the number of ranks and of accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: BlueprintConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.model = self.base_model_class(config)
+        self.model = self.base_model_class(config, add_pooling_layer=False)  # no pooler, as in BERT's token head
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -1313,6 +1322,9 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
     """The encoder-decoder with the linear + softmax head: translation, summarization, `generate()`."""
 
     config_class = BlueprintSeq2SeqConfig
+    # Its loss is a mean over this batch, not a sum divided by the Trainer's `num_items_in_batch`: without this, the
+    # Trainer (which sees **kwargs in forward) multiplies it by the number of ranks and of accumulation steps.
+    accepts_loss_kwargs = False
     _tied_weights_keys = {
         "lm_head.weight": "model.encoder.embed_tokens.weight",
         "model.decoder.embed_tokens.weight": "model.encoder.embed_tokens.weight",

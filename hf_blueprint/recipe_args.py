@@ -22,11 +22,23 @@ import datasets
 import transformers
 import yaml
 from datasets import Dataset
-from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    HfArgumentParser,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+)
 
 from .data import iterate_texts
 from .tokenizer import TOKENIZER_TYPES, train_tokenizer
-from .training_guards import NonFiniteLossCallback, resolve_resume_checkpoint
+from .training_guards import (
+    NonFiniteLossCallback,
+    check_distributed_launch,
+    prepare_distributed_launch,
+    resolve_resume_checkpoint,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -176,6 +188,10 @@ def parse_args(
     `defaults` changes a recipe's defaults (shown by `--help`), e.g. `do_train=True`. If the first argument is a
     .json/.yaml/.yml file, its keys are read as flags placed before the remaining arguments, so that flags given on
     the command line win. `description` (the recipe's docstring) heads `--help`.
+
+    Under a launcher (torchrun, accelerate, deepspeed) the processes must train as one run: on a machine without
+    GPUs they are switched to DDP over gloo, and a launch that cannot be one run stops with how to launch it
+    (`training_guards.prepare_distributed_launch`).
     """
     epilog = ("A JSON/YAML file of flag: value pairs may come first, e.g. `recipe.py config.yaml --max_steps 10`; "
               "flags after it override it.")
@@ -186,7 +202,16 @@ def parse_args(
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_FILE_SUFFIXES):
         argv = config_file_to_argv(argv[0]) + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    trains = any(issubclass(cls, TrainingArguments) for cls in dataclass_types)
+    if trains:
+        # Before TrainingArguments exists: building it sets up the devices and joins (or not) the process group.
+        flags, _ = parser.parse_known_args(args=argv)
+        if prepare_distributed_launch(use_cpu=bool(flags.use_cpu)):
+            argv.extend(["--use_cpu", "true"])
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if trains:
+        check_distributed_launch(next(args for args in parsed if isinstance(args, TrainingArguments)))
+    return parsed
 
 
 def config_file_to_argv(path: str) -> list[str]:

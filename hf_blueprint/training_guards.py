@@ -1,7 +1,7 @@
 """Guards for long training runs: a step with a non-finite loss never reaches the weights, a half-written checkpoint is
 never resumed from, and a tokenizer that does not fit the model is refused before training starts.
 
-Three pieces, each usable with a stock `transformers.Trainer` (nothing to subclass):
+Four pieces, each usable with a stock `transformers.Trainer` (nothing to subclass):
 
 - `NonFiniteLossCallback(policy="stop" | "skip")`: checks every optimizer step *before* it is applied (in
   `on_pre_optimizer_step`, after backward and gradient clipping) for a non-finite loss or gradient. `"stop"` raises
@@ -16,6 +16,10 @@ Three pieces, each usable with a stock `transformers.Trainer` (nothing to subcla
   `--resume_from_checkpoint`.
 - `check_tokenizer_fits_model(tokenizer, model)`: a tokenizer whose ids reach past the model's embedding table
   fails only at the first batch that contains such an id; this says so up front, naming both.
+- `prepare_distributed_launch` / `check_distributed_launch` (called by the recipes' argument parsing): processes
+  started by torchrun, accelerate or deepspeed on a machine without GPUs train as one DDP run over gloo, and a
+  launch that started one process where several were asked for stops with how to launch instead, rather than N
+  runs (or one) that each train alone.
 
 Why a callback and not a Trainer subclass: a callback composes with any Trainer (Seq2SeqTrainer, TRL's trainers)
 and with other callbacks. It cannot see the value the Trainer computed in `training_step`, so it reads the loss from
@@ -189,8 +193,12 @@ def _any_rank(flag: bool, model) -> bool:
 
 
 def non_finite_gradients(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters whose gradient holds a NaN or an infinity (one device sync)."""
-    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    """Names of the parameters whose gradient holds a NaN or an infinity (one device sync).
+
+    Under FSDP2 a gradient is a DTensor sharded across the ranks: each rank checks its own shard, without
+    communication (the callback then or-s the verdict over the ranks)."""
+    named = [(name, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+             for name, p in model.named_parameters() if p.grad is not None]
     if not named:
         return []
     finite = torch.stack([torch.isfinite(grad).all().to("cpu", non_blocking=True) for _, grad in named])
@@ -372,3 +380,103 @@ def check_tokenizer_fits_model(tokenizer, model_or_config) -> None:
             f"contains it. Use the model's own tokenizer, or grow the model with "
             f"model.resize_token_embeddings(len(tokenizer)) before training."
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-process launches on machines without GPUs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DistributedLaunchError(RuntimeError):
+    """A multi-process launch that would not train as one run (see `prepare_distributed_launch`)."""
+
+
+# How a launcher tells a process the size of the run: torchrun, `accelerate launch --multi_gpu` and the deepspeed
+# launcher set WORLD_SIZE; mpirun (`accelerate launch --mpirun_hostfile`) sets its own variables.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+CPU_LAUNCH_HELP = (
+    "On a machine without GPUs, start one process per rank through torchrun, directly or through accelerate:\n"
+    "    torchrun --nproc_per_node N recipes/<recipe>.py ...\n"
+    "    accelerate launch --multi_gpu --num_processes N recipes/<recipe>.py ...\n"
+    "and the recipe trains with DDP over gloo (README, 'Scaling out')."
+)
+
+
+def launched_world_size(environ=None) -> int:
+    """The number of processes the launcher started for this run (1 when there is no launcher)."""
+    environ = os.environ if environ is None else environ
+    for name in WORLD_SIZE_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise DistributedLaunchError(f"Environment variable {name}={value!r}: expected a whole number of "
+                                             f"processes.") from None
+    return 1
+
+
+def prepare_distributed_launch(use_cpu: bool = False, environ=None) -> bool:
+    """Before `TrainingArguments` is built: whether this process must train on the CPU for the launched processes to
+    train as one run. True means "add `--use_cpu true`"; a launch that cannot be one run raises.
+
+    Two launches go wrong on a machine without GPUs, with no more than a warning from accelerate or transformers:
+
+    - torchrun (or `accelerate launch --multi_gpu`, or a DeepSpeed launch) without `--use_cpu`: every rank sets
+      itself up as a single, non-distributed process, so N copies train alone on the full data and overwrite each
+      other's output. With `--use_cpu true` the ranks join a gloo process group and train with DDP (or DeepSpeed).
+    - `accelerate launch --cpu --num_processes N` (or a MULTI_CPU accelerate config, or `--num_processes N` without
+      GPUs): accelerate starts ONE process, which would train alone. Nothing can turn it into N processes from the
+      inside, so this raises `DistributedLaunchError` saying how to launch instead.
+
+    `use_cpu` is the value of the Trainer flag; `environ` defaults to `os.environ`.
+    """
+    environ = os.environ if environ is None else environ
+    world_size = launched_world_size(environ)
+    if world_size == 1:
+        # accelerate's single-process launcher exports ACCELERATE_USE_CPU always, and MASTER_ADDR only when it was
+        # asked for more than one process or machine; a real distributed launch also exports the world size.
+        if "ACCELERATE_USE_CPU" in environ and "MASTER_ADDR" in environ and "LOCAL_RANK" not in environ:
+            raise DistributedLaunchError(
+                "`accelerate launch` was asked for several processes (--num_processes, --num_machines or a "
+                "MULTI_CPU config) but started only this one, which would train alone: accelerate starts one "
+                "process per rank only through its torchrun-based launchers (--multi_gpu, --use_fsdp, "
+                "--use_deepspeed) or mpirun (--mpirun_hostfile).\n" + CPU_LAUNCH_HELP
+                + "\n(If you meant to run a single process, unset MASTER_ADDR.)"
+            )
+        return False
+    if use_cpu or _truthy(environ.get("ACCELERATE_USE_CPU")) or _has_accelerator():
+        return False
+    logger.info(f"{world_size} processes launched on a machine without GPUs: training on the CPU over gloo "
+                f"(--use_cpu true).")
+    return True
+
+
+def check_distributed_launch(training_args, environ=None) -> None:
+    """After `TrainingArguments` is built: every launched process must see the same run of `launched_world_size`
+    processes. Raises `DistributedLaunchError` otherwise (a rank that believes it is alone)."""
+    environ = os.environ if environ is None else environ
+    launched = launched_world_size(environ)
+    if launched > 1 and training_args.world_size != launched:
+        raise DistributedLaunchError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but this one sees a run of "
+            f"{training_args.world_size} process(es) (distributed type: "
+            f"{getattr(training_args.distributed_state, 'distributed_type', None)}): each would train alone. "
+            f"Without GPUs pass --use_cpu true.\n" + CPU_LAUNCH_HELP
+        )
+    if launched > 1 and (training_args.fsdp or _truthy(environ.get("ACCELERATE_USE_FSDP"))) \
+            and training_args.device.type == "cpu":
+        logger.warning("FSDP was requested, but accelerate runs FSDP on GPUs only: on the CPU this run trains with "
+                       "DDP (a full copy of the model on every rank).")
+
+
+def _truthy(value) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, NPU, ...
+    if accelerator is not None and accelerator.is_available():
+        return True
+    return torch.cuda.is_available()

@@ -159,10 +159,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
 
     configure_generation(trainer.model, tokenizer, lm_args)
     prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
-    if trainer.is_world_process_zero() and lm_args.sample_max_new_tokens > 0:
-        results["prompt"] = prompt
-        results["sample"] = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
-        logger.info(f"Sample:\n{prompt}{results['sample']}")
+    # Sharded parameters (FSDP, DeepSpeed ZeRO-3) are gathered layer by layer during each forward, so every rank must
+    # generate in step with the others (same seed, same tokens); otherwise rank 0 alone samples.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if lm_args.sample_max_new_tokens > 0 and (sharded or trainer.is_world_process_zero()):
+        sample = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
+        if trainer.is_world_process_zero():
+            results.update(prompt=prompt, sample=sample)
+            logger.info(f"Sample:\n{prompt}{sample}")
 
     if training_args.do_train:
         trainer.save_model()  # model, tokenizer and generation config, on the main process only

@@ -433,9 +433,11 @@ def test_bias_free_blueprints_convert_exactly(class_name, preset, overrides, nat
     assert masked_max_diff(expected, run(converted, input_ids=ids, attention_mask=mask).logits, mask) < TOL
 
 
-def test_unused_pooler_is_dropped_with_a_warning():
-    model = blueprint("BlueprintEncoderForMaskedLM", "bert-tiny")  # the BERT preset has the pooler
-    with pytest.warns(UserWarning, match="Dropping bert.pooler.dense.weight, bert.pooler.dense.bias: BertForMaskedLM"):
+def test_masked_lm_of_a_pooler_preset_has_no_pooler_and_converts_without_warnings():
+    model = blueprint("BlueprintEncoderForMaskedLM", "bert-tiny")  # the BERT preset has add_pooling_layer=True
+    assert not [name for name, _ in model.named_parameters() if "pooler" in name]  # as in BertForMaskedLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         converted = to_transformers(model)
     ids, mask = batch()
     expected = run(model, input_ids=ids, attention_mask=mask).logits
