@@ -79,6 +79,11 @@ def build_pair(style: Style, device: str, dtype: torch.dtype):
     return blueprint.to(device), native.to(device)
 
 
+def machine_load() -> str:
+    """The 1-, 5- and 15-minute load averages: on a shared machine, how busy the other cores were."""
+    return " / ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
 def synchronize(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -278,6 +283,14 @@ def markdown(table: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(text: str, output: str | None) -> None:
+    """Prints the markdown and, with --output, writes it to that file."""
+    print(text)
+    if output:
+        with open(output, "w") as handle:
+            handle.write(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
@@ -299,18 +312,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     size = args.size or ("gpu" if args.device.startswith("cuda") else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    load_before = machine_load()
     rows, matmul_rate = run(size, args.repeats, args.styles.split(","), args.device, dtype)
     table = ratio_table(rows)
     machine = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     header = (f"Blueprint vs native, size `{size}` {SIZES[size]}, {dtype}, {args.repeats} repeats (median), "
               f"{machine}, torch {torch.__version__}, measured matmul rate {matmul_rate / 1e9:.1f} GFLOP/s, "
-              f"{datetime.date.today().isoformat()}")
-    text = markdown(table, header)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(text)
+              f"{datetime.date.today().isoformat()}, load average {load_before} before / {machine_load()} after")
+    publish(markdown(table, header), args.output)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": rows, "table": table, "matmul_flops_per_second": matmul_rate}, handle, indent=1)

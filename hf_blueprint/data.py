@@ -18,9 +18,12 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import chain
 
+import torch
 from datasets import Dataset, DatasetDict, load_dataset
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
 
 
 logger = logging.getLogger(__name__)
@@ -444,3 +447,78 @@ def iterate_texts(dataset: Dataset, text_column: str, batch_size: int = 1000) ->
     for start in range(0, len(dataset), batch_size):
         yield from dataset[start:start + batch_size][text_column]
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Padding-free batches
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# Sentence data varies in length (SST-2: 15 tokens on average, up to 64), so a padded batch of 64 random examples is
+# about two thirds padding that every layer computes on. These collators put the examples of a batch end to end in
+# one row of shape (1, total tokens) instead, in transformers' DataCollatorWithFlattening convention: `position_ids`
+# restart at 0 for each example and there is no `attention_mask`; from that the Blueprint models attend within each
+# example only, and the sequence classification heads pool each example separately. Trainer batches stay
+# `per_device_train_batch_size` examples; only their layout changes.
+
+
+class DataCollatorForPaddingFreeClassification(DataCollatorWithFlattening):
+    """DataCollatorWithFlattening for sequence classification: the texts are flattened into one row (with their
+    `token_type_ids`, for sentence pairs), and the labels stay one per example, shape (number of examples,), in the
+    order the model returns one logits row per packed example. Labels are integer class ids, or floats for
+    regression, as with `default_data_collator`."""
+
+    def __call__(self, features: list[dict], return_tensors=None, separator_id=None) -> dict:
+        label_name = "label" if "label" in features[0] else "labels"
+        empty = [index for index, feature in enumerate(features) if len(feature["input_ids"]) == 0]
+        if empty:
+            # DataCollatorWithFlattening would silently drop them, shifting every later label onto the wrong example.
+            raise ValueError(f"Examples {empty} of this batch have no tokens; a padding-free batch needs at least one "
+                             f"token per example (drop empty texts before training).")
+        batch = super().__call__([{"input_ids": feature["input_ids"]} for feature in features], return_tensors,
+                                 separator_id)
+        del batch["labels"]  # the flattening's next-token labels; classification has one label per example
+        if "token_type_ids" in features[0]:
+            token_type_ids = chain.from_iterable(_as_list(feature["token_type_ids"]) for feature in features)
+            batch["token_type_ids"] = torch.tensor([list(token_type_ids)], dtype=torch.long)
+        if label_name in features[0]:  # typed as default_data_collator types them
+            first = features[0][label_name]
+            first = first.item() if isinstance(first, torch.Tensor) and first.dim() == 0 else first
+            dtype = torch.long if isinstance(first, int) else torch.float
+            batch["labels"] = torch.tensor([feature[label_name] for feature in features], dtype=dtype)
+        return batch
+
+
+@dataclass
+class DataCollatorForPaddingFreeMaskedLM(DataCollatorForLanguageModeling):
+    """DataCollatorForLanguageModeling, then flattened: the batch is padded and masked exactly as the stock collator
+    does it (15% of the tokens chosen, of those 80% [MASK], 10% random, 10% unchanged; special tokens and padding
+    never chosen), so the same seed chooses the same tokens as a padded run; then each example's real tokens, with
+    their labels, are put end to end in one row by DataCollatorWithFlattening's convention. Returns torch tensors
+    only (`return_tensors="pt"`)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.return_tensors != "pt":
+            raise ValueError(f"DataCollatorForPaddingFreeMaskedLM returns torch tensors only; got "
+                             f"return_tensors={self.return_tensors!r}.")
+        self.flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def torch_call(self, examples: list[dict]) -> dict:
+        lengths = [len(example["input_ids"]) for example in examples]
+        padded = super().torch_call(examples)
+        width = padded["input_ids"].shape[1]
+        positions = torch.arange(width)
+        lengths = torch.tensor(lengths)
+        if self.tokenizer.padding_side == "left":
+            is_real = positions[None, :] >= width - lengths[:, None]
+        else:
+            is_real = positions[None, :] < lengths[:, None]
+        # Row by row, left to right: the real tokens of example 0, then those of example 1, ...
+        batch = self.flatten([{"input_ids": ids[real]} for ids, real in zip(padded["input_ids"], is_real)])
+        batch["labels"] = padded["labels"][is_real][None]
+        if "token_type_ids" in padded:
+            batch["token_type_ids"] = padded["token_type_ids"][is_real][None]
+        return batch
+
+
+def _as_list(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)

@@ -225,6 +225,37 @@ def eager_attention_forward(
     return output, weights
 
 
+class PackedSequences:
+    """A padding-free row as attention sees it: its sequences gathered into a padded (sequences, longest) batch.
+
+    Over a packed row of T tokens, attention with a block-diagonal mask costs T^2 per head (with attention dropout
+    the T x T probabilities are materialized). Gathered per sequence it costs sequences x longest^2, what a padded
+    batch of the same sequences costs, while every other layer still runs on the T real tokens only. The gather and
+    the scatter back are index operations: the result is exactly that of the block-diagonal mask."""
+
+    def __init__(self, sequence_ids: torch.Tensor):
+        # Number the sequences across rows in reading order (rows from `find_packed_sequences` start at 0 each).
+        sequences_per_row = sequence_ids[:, -1] + 1
+        row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
+        sequence_ids = (sequence_ids + row_offsets[:, None]).reshape(-1)
+        lengths = torch.bincount(sequence_ids)
+        starts = lengths.cumsum(0) - lengths
+        offsets = torch.arange(int(lengths.max()), device=sequence_ids.device)
+        self.is_token = offsets < lengths[:, None]  # (sequences, longest); False on this layout's own padding
+        self.token_index = (starts[:, None] + offsets).clamp(max=sequence_ids.numel() - 1)  # the token each slot reads
+        self.positions = offsets.expand_as(self.is_token)  # each token's place in its sequence (ALiBi distances)
+        self.attention_mask = None  # the padded layout's mask in the attention implementation's format (the model's)
+
+    def pad(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, seq, head_dim) -> (sequences, heads, longest, head_dim)."""
+        tokens = states.transpose(1, 2).reshape(-1, *states.shape[1:2], states.shape[-1])
+        return tokens[self.token_index].transpose(1, 2)
+
+    def unpad(self, attention_output: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Attention output (sequences, longest, heads, head_dim) -> (batch, seq, heads, head_dim)."""
+        return attention_output[self.is_token].reshape(batch_size, -1, *attention_output.shape[2:])
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -284,6 +315,10 @@ class MultiHeadAttention(nn.Module):
         else:
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
+        packed = attention_mask if isinstance(attention_mask, PackedSequences) else None
+        if packed is not None:  # a padding-free row: each sequence attends within itself, gathered into a padded batch
+            query, key, value = packed.pad(query), packed.pad(key), packed.pad(value)
+            attention_mask = packed.attention_mask
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -296,6 +331,8 @@ class MultiHeadAttention(nn.Module):
             position_bias=position_bias,
             **kwargs,
         )
+        if packed is not None:
+            attn_output = packed.unpad(attn_output, input_shape[0])
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
 
@@ -439,6 +476,45 @@ def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, 
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), index]
 
 
+def find_packed_sequences(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch_size: int
+) -> torch.Tensor | None:
+    """Which packed sequence each token belongs to, (batch, seq) numbered from 0 in each row, or None for an ordinary
+    batch. A padding-free batch (transformers' DataCollatorWithFlattening) puts several sequences end to end in one
+    row with no attention mask; only its `position_ids`, restarting at 0 for each sequence, tell them apart."""
+    if position_ids is None or attention_mask is not None:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+
+
+def pool_segments(hidden_states: torch.Tensor, sequence_ids: torch.Tensor, strategy: str) -> torch.Tensor:
+    """`pool_sequence` for a padding-free batch: reduce (batch, seq, hidden), whose rows hold several sequences end to
+    end, to (number of sequences, hidden), one row per packed sequence in reading order (row by row, left to right).
+    `sequence_ids` (from `find_packed_sequences`) number the sequences of each row from 0. A packed row has no
+    padding, so every token of a sequence is real: `first`, `mean`, `last` and `max` pool exactly the tokens that
+    `pool_sequence` pools in the padded row of the same sequence."""
+    hidden_size = hidden_states.shape[-1]
+    tokens = hidden_states.reshape(-1, hidden_size)
+    # Number the sequences across rows: each row continues after the last sequence of the rows above it.
+    sequences_per_row = sequence_ids[:, -1] + 1
+    row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
+    sequence_ids = (sequence_ids + row_offsets[:, None]).reshape(-1)
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[1:] = sequence_ids[1:] != sequence_ids[:-1]
+    if strategy == "first":
+        return tokens[starts]
+    if strategy == "last":  # a token is the last of its sequence when the next one starts a sequence (or it ends all)
+        return tokens[starts.roll(-1)]
+    num_sequences = int(sequences_per_row.sum())
+    if strategy == "mean":
+        lengths = torch.bincount(sequence_ids, minlength=num_sequences).to(tokens.dtype)
+        return tokens.new_zeros(num_sequences, hidden_size).index_add(0, sequence_ids, tokens) / lengths[:, None]
+    by_sequence = sequence_ids[:, None].expand_as(tokens)
+    return tokens.new_zeros(num_sequences, hidden_size).scatter_reduce(
+        0, by_sequence, tokens, reduce="amax", include_self=False
+    )
+
+
 class Pooler(nn.Module):
     """BERT's pooler: tanh(W pooled + b), producing `pooler_output`."""
 
@@ -448,7 +524,11 @@ class Pooler(nn.Module):
         self.activation = nn.Tanh()
         self.strategy = config.classifier_pooling
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if sequence_ids is not None:  # a padding-free batch: one pooled row per packed sequence
+            return self.activation(self.dense(pool_segments(hidden_states, sequence_ids, self.strategy)))
         return self.activation(self.dense(pool_sequence(hidden_states, token_mask, self.strategy)))
 
 
@@ -698,9 +778,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         # Padding-free batches (transformers' DataCollatorWithFlattening) put several sequences in one row, told
         # apart only by position_ids restarting at 0. They get a block-diagonal mask and no cache.
-        packed_sequences = None
-        if position_ids is not None and attention_mask is None and cache is None:
-            packed_sequences = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+        packed_sequences = find_packed_sequences(position_ids, attention_mask, batch_size) if cache is None else None
         use_cache = use_cache and packed_sequences is None
         if use_cache and cache is None:
             decoder_config = config.get_text_config(decoder=True)  # sized for this stack's depth
@@ -728,10 +806,23 @@ class BlueprintModel(BlueprintPreTrainedModel):
 
         hidden_states = self.embed(inputs_embeds, token_type_ids, position_ids)
         attention_mask_2d = attention_mask
-        attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids, packed_sequences)
+        if packed_sequences is not None and config._attn_implementation in ("sdpa", "eager") \
+                and not output_attentions and not is_torchdynamo_compiling():
+            # Attention per packed sequence (PackedSequences) instead of over the whole row with a block-diagonal
+            # mask; output_attentions keeps the row's (query, key) layout, torch.compile the static shapes of the mask.
+            attention_mask = PackedSequences(packed_sequences)
+            attention_mask.attention_mask = self._build_attention_mask(
+                hidden_states.new_empty(*attention_mask.is_token.shape, 0), attention_mask.is_token, None,
+                attention_mask.positions, None,
+            )
+        else:
+            attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids,
+                                                        packed_sequences)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
         position_bias = None
-        if self.alibi is not None:
+        if self.alibi is not None and isinstance(attention_mask, PackedSequences):
+            position_bias = self.alibi(attention_mask.positions, attention_mask.positions, hidden_states.dtype)
+        elif self.alibi is not None:
             position_bias = self._alibi_bias(cache, position_ids, hidden_states)
         if self.has_cross_attention:
             encoder_attention_mask = create_bidirectional_mask(
@@ -784,7 +875,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
             )
         else:
             pooler_mask = attention_mask_2d if attention_mask_2d is not None and attention_mask_2d.dim() == 2 else None
-            pooled = self.pooler(hidden_states, pooler_mask) if self.pooler is not None else None
+            pooled = self.pooler(hidden_states, pooler_mask, packed_sequences) if self.pooler is not None else None
             output = BaseModelOutputWithPooling(
                 last_hidden_state=hidden_states,
                 pooler_output=pooled,
@@ -1087,7 +1178,11 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
 
 class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
     """Pools the sequence (`config.classifier_pooling`: first / mean / last real token / max over real tokens) and classifies it. With
-    `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT)."""
+    `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT).
+
+    A padding-free batch (several sequences end to end in a row, `position_ids` restarting at 0 for each, no
+    `attention_mask`: `hf_blueprint.data.DataCollatorForPaddingFreeClassification`) gets one logits row per packed
+    sequence, pooled within that sequence, and takes `labels` of shape (number of sequences,)."""
 
     base_model_class = BlueprintModel
     # Its loss is a mean over this batch, not a sum divided by the Trainer's `num_items_in_batch`: without this, the
@@ -1130,16 +1225,23 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        hidden_states = outputs.last_hidden_state
+        packed_sequences = find_packed_sequences(position_ids, attention_mask, hidden_states.shape[0])
         if getattr(outputs, "pooler_output", None) is not None:
-            pooled = outputs.pooler_output
+            pooled = outputs.pooler_output  # per packed sequence too: the trunk's pooler detects packing the same way
+        elif packed_sequences is not None:
+            pooled = pool_segments(hidden_states, packed_sequences, self.config.classifier_pooling)
         else:
-            pooled = pool_sequence(outputs.last_hidden_state, token_mask, self.config.classifier_pooling)
+            pooled = pool_sequence(hidden_states, token_mask, self.config.classifier_pooling)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
             if labels.shape[0] != logits.shape[0]:
-                raise ValueError(f"{type(self).__name__}: `labels` has {labels.shape[0]} rows for a batch of "
-                                 f"{logits.shape[0]} sequences; expected one label per sequence.")
+                layout = (f"{logits.shape[0]} sequences packed into {hidden_states.shape[0]} row(s) (position_ids "
+                          f"restart at 0 for each)" if packed_sequences is not None else f"a batch of "
+                          f"{logits.shape[0]} sequences")
+                raise ValueError(f"{type(self).__name__}: `labels` has {labels.shape[0]} rows for {layout}; expected "
+                                 f"one label per sequence.")
             if self._is_single_label(labels):
                 self._check_label_values(labels, self.num_labels)
                 if not is_torchdynamo_compiling() and not bool((labels != -100).any()):

@@ -20,6 +20,12 @@ TREC (coarse labels), validation carved out of train, the official 500 questions
     python recipes/finetune_classification.py recipes/configs/trec_scratch.yaml
 
 A test file without the label column is predicted instead of scored (predictions in test_predictions.tsv).
+
+Padding-free batches (`--padding_free`): the examples of a batch go end to end in one row instead of being padded to
+the longest, for the same per-example logits and loss without computing on the padding (SST-2 batches of 64 are about
+two-thirds padding; the speed-up depends on the shape, docs/BENCHMARKS.md):
+
+    python recipes/finetune_classification.py recipes/configs/sst2_scratch.yaml --padding_free
 """
 
 import logging
@@ -39,6 +45,7 @@ from transformers import (
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.data import (
+    DataCollatorForPaddingFreeClassification,
     build_label_maps,
     load_raw_datasets,
     map_labels,
@@ -87,6 +94,15 @@ class ClassificationArguments:
         default=None,
         metadata={"help": "Inputs are truncated to this many tokens. Default: 128, or the model's "
                           "max_position_embeddings if smaller."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Padding-free batches: the examples of a batch are put end to end in one row (position_ids "
+                          "restart at 0 for each, no attention across examples, each example pooled on its own) "
+                          "instead of padded to the longest. Same per-example logits and loss as padded batches, and "
+                          "no computation on padding outside attention; the speed-up depends on the shape "
+                          "(docs/BENCHMARKS.md). Off by default, as in transformers and TRL: with dropout the random "
+                          "draws differ from a padded run's, so results match statistically, not bit for bit."},
     )
 
 
@@ -152,14 +168,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
         train_dataset=encoded["train"] if training_args.do_train else None,
         eval_dataset=encoded["validation"] if has_eval else None,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorForPaddingFreeClassification() if cls_args.padding_free
+        else DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics(),
         callbacks=training_callbacks(model_args),
     )
     use_blueprint_model_card(trainer, task="text-classification")  # the card create_model_card and push_to_hub write
 
     results = {"num_parameters": model.num_parameters(), "num_labels": len(id2label), "family": family,
-               "train_examples": len(encoded["train"]), "output_dir": training_args.output_dir}
+               "train_examples": len(encoded["train"]), "output_dir": training_args.output_dir,
+               "batches": "padding-free (examples packed into one row)" if cls_args.padding_free else "padded"}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
         trainer.log_metrics("train", train_result.metrics)
@@ -226,6 +244,7 @@ def _summary_rows(results: dict, sources: dict, id2label: dict, model_args: Mode
         ("training data", f"{sources.get('train')} ({results['train_examples']:,} examples)"),
         ("model", f"{results['family']}, {results['num_parameters']:,} parameters, {start}"),
         ("labels", ", ".join(id2label[i] for i in sorted(id2label))[:80]),
+        ("batches", results["batches"]),
     ]
     if "train_runtime" in results:
         rows += [("train steps / runtime", f"{results['global_step']} / {results['train_runtime']:.1f} s"),

@@ -12,6 +12,11 @@ validation split and saves model + tokenizer, ready for `AutoModelForMaskedLM` o
         --line_by_line --max_seq_length 66 --tokenizer_vocab_size 8000 \\
         --config_overrides "hidden_size=128,num_hidden_layers=2,num_attention_heads=2,intermediate_size=512" \\
         --num_train_epochs 3 --output_dir out/sst2-mlm
+
+With --line_by_line, `--padding_free` puts the examples of a batch end to end in one row instead of padding them to the
+longest (same masking, same per-token loss, no computation on the padding):
+
+    python recipes/pretrain_masked_lm.py recipes/configs/sst2_mlm.yaml --padding_free
 """
 
 import logging
@@ -28,6 +33,7 @@ from transformers import (
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.data import (
+    DataCollatorForPaddingFreeMaskedLM,
     load_raw_datasets,
     pack_into_blocks,
     pick_text_column,
@@ -75,11 +81,26 @@ class MaskedLMArguments:
     line_by_line: bool = field(
         default=False, metadata={"help": "One example per text (padded per batch) instead of packed blocks."}
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "With --line_by_line: padding-free batches, the examples of a batch put end to end in one "
+                          "row (position_ids restart at 0 for each, no attention across examples) instead of padded "
+                          "to the longest. The same tokens are masked as in a padded run of the same seed, and the "
+                          "loss per masked token is the same, with no computation on padding outside attention; the "
+                          "speed-up depends on the shape (docs/BENCHMARKS.md). Off by default, as in transformers and "
+                          "TRL: with dropout the random draws differ from a padded run's, so results match "
+                          "statistically, not bit for bit."},
+    )
     mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens chosen for prediction."})
     mask_replace_prob: float = field(default=0.8, metadata={"help": "Of the chosen tokens: share replaced by [MASK]."})
     random_replace_prob: float = field(
         default=0.1, metadata={"help": "Of the chosen tokens: share replaced by a random token (the rest stay)."}
     )
+
+    def __post_init__(self):
+        if self.padding_free and not self.line_by_line:
+            raise ValueError("--padding_free needs --line_by_line: packed blocks all have --max_seq_length tokens, so "
+                             "there is no padding to remove (and one long row would only make attention dearer).")
 
 
 def main(argv=None):
@@ -128,7 +149,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
 
     # Set after tokenizing: long lines are packed, not truncated, so the length warning would be noise.
     tokenizer.model_max_length = max_seq_length
-    collator = DataCollatorForLanguageModeling(
+    collator_class = DataCollatorForPaddingFreeMaskedLM if mlm_args.padding_free else DataCollatorForLanguageModeling
+    collator = collator_class(
         tokenizer,
         mlm_probability=mlm_args.mlm_probability,
         mask_replace_prob=mlm_args.mask_replace_prob,
@@ -181,6 +203,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
 
 def _summary_rows(results: dict, sources: dict, mlm_args: MaskedLMArguments) -> list:
     layout = "one text per example" if mlm_args.line_by_line else "packed blocks"
+    if mlm_args.padding_free:
+        layout += ", padding-free batches"
     rows = [
         ("training data", sources.get("train")),
         ("parameters", f"{results['num_parameters']:,}"),
