@@ -130,7 +130,9 @@ def measure_speed(shape: Shape, tokenizer, train: list, repeats: int, seed: int)
         examples = sampler.sample(train, shape.batch)
         real_tokens = sum(len(example["input_ids"]) for example in examples)
         batches = {path: collate[path](examples) for path in PATHS}
-        seconds = {path: timed(lambda path=path: steps[path](batches[path]), "cpu") for path in PATHS}
+        # The order alternates: the first step after another model's is measurably slower on a CPU (compare_native).
+        order = PATHS if repeat % 2 == 0 else PATHS[::-1]
+        seconds = {path: timed(lambda path=path: steps[path](batches[path]), "cpu") for path in order}
         if repeat >= 2:
             for path in PATHS:
                 rates[path].append(real_tokens / seconds[path])
