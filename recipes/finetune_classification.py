@@ -6,8 +6,9 @@ Either fine-tune a pretrained Blueprint checkpoint (an encoder from `pretrain_ma
 classes are the labels found in the training data; they become the model's `id2label`/`label2id`. A label in the
 validation or test data that training never saw is an error. Reports accuracy and macro-F1.
 
-From scratch on SST-2 (GLUE dev as the held-out set):
+From scratch on SST-2 (validation: whole training sentences held out; GLUE dev as the test set):
 
+    python recipes/data/sst_sentences/make_sentence_validation.py --output_dir out/sst2-sentences
     python recipes/finetune_classification.py recipes/configs/sst2_scratch.yaml
 
 Fine-tuning an MLM checkpoint:

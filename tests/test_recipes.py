@@ -311,6 +311,27 @@ def test_word_tokenizer_keeps_frequent_words_and_maps_rare_ones_to_unk(tmp_path)
         SPECIAL_TOKEN_LIST) + 10
 
 
+def test_sentence_validation_split_holds_out_whole_sentences_and_their_long_phrases(tmp_path):
+    script = DATA / "sst_sentences" / "make_sentence_validation.py"
+    subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path), "--num_sentences", "50"], check=True,
+                   capture_output=True)
+
+    def rows(name):
+        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+        assert lines[0] == "sentence\tlabel"
+        return [tuple(line.rsplit("\t", 1)) for line in lines[1:]]
+
+    train, validation, test = rows("train.tsv"), rows("validation.tsv"), rows("test.tsv")
+    glue = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(validation) == 50 and len(test) == 1821 and 0 < len(glue) - len(train) < len(glue) // 10
+    train_phrases = {phrase for phrase, _ in train}
+    for sentence, _ in validation:
+        words = sentence.split()
+        spans = {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 3, len(words) + 1)}
+        assert not spans & train_phrases  # no phrase of 3+ words of a held-out sentence is left in training
+    assert {label for _, label in validation + test} == {"0", "1"}
+
+
 def test_bpe_tokenizer_families_and_round_trip(tmp_path):
     lines = SST2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines()[1:3001]
     texts = [line.rsplit("\t", 1)[0] for line in lines]
