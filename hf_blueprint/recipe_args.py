@@ -257,6 +257,22 @@ def training_callbacks(model_args: ModelArguments) -> list:
     return [NonFiniteLossCallback(policy=model_args.nonfinite_loss)]
 
 
+def predict_in_order(trainer, dataset, **kwargs):
+    """`trainer.predict(dataset, **kwargs)` with the predictions in the order of `dataset`.
+
+    With `--train_sampling_strategy group_by_length`, transformers 5 groups the evaluation batches by length too, in
+    a seeded shuffled order: harmless for a corpus metric (predictions and labels move together), wrong for
+    predictions written out or shown beside their inputs. The prediction here reads the data in order instead."""
+    strategy = trainer.args.train_sampling_strategy
+    if strategy != "group_by_length":
+        return trainer.predict(dataset, **kwargs)
+    trainer.args.train_sampling_strategy = "random"  # for evaluation: sequential (or sharded in order under DDP)
+    try:
+        return trainer.predict(dataset, **kwargs)
+    finally:
+        trainer.args.train_sampling_strategy = strategy
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer and model config
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,10 +384,12 @@ def sequence_length(requested: int | None, config: PretrainedConfig, default: in
 
 
 def _underive(values: dict, settings: dict) -> dict:
-    """Resets head_dim / num_key_value_heads that were derived from the heads and width, when those change.
+    """Resets head_dim / num_key_value_heads / decoder_layers that were derived from the heads, width and depth, when
+    those change.
 
     A config stores `head_dim = hidden_size // num_attention_heads` and `num_key_value_heads = num_attention_heads`
-    once resolved; `num_attention_heads=4` alone must re-derive them, not keep the old values.
+    once resolved (and an encoder-decoder `decoder_layers = num_hidden_layers`); `num_attention_heads=4` alone must
+    re-derive them, not keep the old values.
     """
     values = dict(values)
     heads, width = values.get("num_attention_heads"), values.get("hidden_size")
@@ -379,6 +397,9 @@ def _underive(values: dict, settings: dict) -> dict:
         values["num_key_value_heads"] = None
     if "head_dim" not in settings and heads and width and values.get("head_dim") == width // heads:
         values["head_dim"] = None
+    if "decoder_layers" in values and "decoder_layers" not in settings \
+            and values["decoder_layers"] == values.get("num_hidden_layers"):
+        values["decoder_layers"] = None
     return values
 
 

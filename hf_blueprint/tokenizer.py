@@ -12,7 +12,9 @@ Every tokenizer carries the special tokens of both families, so one vocabulary s
 `[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` (BERT's) and `<|endoftext|>` (GPT-2's bos/eos). What differs by family
 is the post-processor: the encoder family wraps every text in `[CLS] ... [SEP]` (the first-token pooling and the
 sentence-pair format of BERT rely on it); the decoder family adds nothing, so that packed causal-LM blocks are the
-plain token stream.
+plain token stream; the seq2seq family ends every text with `<|endoftext|>`: the encoder-decoder reads the source up
+to it, and learns to stop by predicting it at the end of each target. One tokenizer trained on source and target text
+together is the paper's shared vocabulary (`train_tokenizer(chain(sources, targets), family="seq2seq")`).
 
 The result is a `PreTrainedTokenizerFast`: `save_pretrained` writes a folder that `AutoTokenizer.from_pretrained`
 loads, with no Python code of this package needed at load time.
@@ -26,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 
 
 TOKENIZER_TYPES = ("bpe", "char", "word")
-FAMILIES = ("encoder", "decoder")
+FAMILIES = ("encoder", "decoder", "seq2seq")
 
 SPECIAL_TOKENS = {
     "pad_token": "[PAD]",
@@ -60,7 +62,8 @@ def train_tokenizer(
         min_frequency: a merge (BPE), character or word seen fewer times than this is not added. Default: 2 for
             BPE (merges seen once are noise) and words (so that `[UNK]` is trained), 1 for characters (nanoGPT keeps
             every character of the text).
-        family: `"encoder"` adds `[CLS] ... [SEP]` around every text, `"decoder"` adds nothing.
+        family: `"encoder"` adds `[CLS] ... [SEP]` around every text, `"decoder"` adds nothing, `"seq2seq"` appends
+            `<|endoftext|>` (the end of a source or target sentence).
         model_max_length: recorded in the saved tokenizer config (the model's longest input), if known.
     """
     if tokenizer_type not in TOKENIZER_TYPES:
@@ -91,8 +94,18 @@ def train_tokenizer(
 
 
 def set_family(backend: Tokenizer, family: str) -> None:
-    """Sets the post-processor of the `tokenizers` backend for an encoder ([CLS] ... [SEP]) or a decoder (none)."""
-    if family == "encoder":
+    """Sets the post-processor of the `tokenizers` backend for an encoder ([CLS] ... [SEP]), a decoder (none) or an
+    encoder-decoder (... <|endoftext|>)."""
+    if family == "seq2seq":
+        eos = SPECIAL_TOKENS["eos_token"]
+        template = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, backend.token_to_id(eos))]
+        )
+        # Byte-level BPE keeps its own post-processor too, so that offsets are those of the decoder family.
+        byte_level = isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+        backend.post_processor = (processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+                                  if byte_level else template)
+    elif family == "encoder":
         cls_id, sep_id = backend.token_to_id(SPECIAL_TOKENS["cls_token"]), backend.token_to_id(SPECIAL_TOKENS["sep_token"])
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",

@@ -640,3 +640,236 @@ def test_help_explains_padding_free(recipe, capsys):
         recipe.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--padding_free" in help_text and "position_ids restart at 0 for each" in help_text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Translation: train_translation.py, the sacrebleu module, parallel data
+# ---------------------------------------------------------------------------------------------------------------------
+
+import gzip  # noqa: E402
+
+import sacrebleu  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM  # noqa: E402
+
+import train_translation  # noqa: E402
+from hf_blueprint.metrics import TranslationMetrics, moses_lowercase_tokenize  # noqa: E402
+
+MULTI30K = DATA / "multi30k"
+TRANSLATION_TINY = TINY.replace("hidden_size=32", "hidden_size=64") + ",norm_position=pre"
+
+
+def read_gz_lines(path: Path, count: int | None = None) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read().split("\n")[:-1][:count]
+
+
+def test_sacrebleu_module_scores_corpus_bleu_with_its_signature():
+    bleu = load_metric("sacrebleu")
+    # By hand: 1-gram 5/6 ("the" is clipped to the reference's one), 2-gram 3/5, 3-gram 2/4, 4-gram 1/3, equal
+    # lengths (no brevity penalty): BLEU = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4).
+    result = bleu.compute(predictions=["the cat sat on the mat"], references=[["the cat sat on a mat"]])
+    assert result["score"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    assert result["counts"] == [5, 3, 2, 1] and result["totals"] == [6, 5, 4, 3] and result["bp"] == 1.0
+    assert result["signature"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    # Several references per prediction: each prediction is scored against its own (the second matches here).
+    two = bleu.compute(predictions=["a b c d e", "f g h i j"], references=[["x", "a b c d e"], ["f g h i j", "y"]])
+    assert two["score"] == pytest.approx(100.0) and two["signature"].startswith("nrefs:2|")
+    # Casing counts unless lowercase=True; 13a splits the final period off.
+    cased = bleu.compute(predictions=["The cat sat on the mat."], references=["the cat sat on the mat."])
+    lowered = bleu.compute(predictions=["The cat sat on the mat."], references=["the cat sat on the mat."],
+                           lowercase=True)
+    assert cased["score"] < 100 and lowered["score"] == pytest.approx(100.0) and "case:lc" in lowered["signature"]
+    with pytest.raises(ValueError, match="same number of references"):
+        bleu.compute(predictions=["a", "b"], references=[["a"], ["b", "c"]])
+
+
+def test_tokenized_lowercase_bleu_uses_the_official_multi30k_references():
+    # The preprocessing of bleu_tok_lc, applied to the raw German test2016 references, gives the official
+    # lc.norm.tok file that the published Multi30k numbers (fairseq BLEU) are computed against, line for line.
+    raw = read_gz_lines(MULTI30K / "test_2016_flickr.de.gz")
+    official = read_gz_lines(MULTI30K / "test_2016_flickr.lc.norm.tok.de.gz")
+    assert len(raw) == len(official) == 1000
+    assert moses_lowercase_tokenize(raw, "de") == official
+    assert sum(len(line.split()) for line in official) == 12103  # fairseq's reflen on test2016
+
+
+def test_parallel_text_and_tables_read_into_a_column_per_language(tmp_path):
+    write(tmp_path / "train.en", "A dog runs.\nTwo men talk.\r\n")
+    write(tmp_path / "train.de.gz", gzip.compress("Ein Hund rennt.\nZwei Männer reden.\n".encode()))
+    for given in ("train", "train.en"):  # the prefix, or the source file itself
+        dataset, source = train_translation.read_parallel_text(str(tmp_path / given), "en", "de")
+        assert dataset["en"] == ["A dog runs.", "Two men talk."] and dataset["de"][1] == "Zwei Männer reden."
+        assert dataset["__line__"] == [1, 2] and source.endswith("train.en + " + str(tmp_path / "train.de.gz"))
+    # The shipped Multi30k files, gzipped, by prefix.
+    dataset, _ = train_translation.read_parallel_text(str(MULTI30K / "val"), "en", "de")
+    assert len(dataset) == 1014 and dataset[0] == {"en": "A group of men are loading cotton onto a truck",
+                                                   "de": "Eine Gruppe von Männern lädt Baumwolle auf einen Lastwagen",
+                                                   "__line__": 1}
+    # run_translation.py's JSON format, as a file and as a dataset folder (what --dataset_name loads).
+    record = json.dumps({"translation": {"en": "A cat.", "de": "Eine Katze."}}) + "\n"
+    folder = tmp_path / "hub_like"
+    write(folder / "train.jsonl", record * 4)
+    write(folder / "validation.jsonl", record)
+    mt_args = train_translation.TranslationArguments()
+    model_args = train_translation.TranslationModelArguments(cache_dir=str(tmp_path / "cache"))
+    raw, sources = train_translation.load_translation_data(DataArguments(dataset_name=str(folder)), mt_args, seed=0,
+                                                           model_args=model_args)
+    assert set(raw) == {"train", "validation"} and raw["validation"][0]["de"] == "Eine Katze."
+    raw, sources = train_translation.load_translation_data(
+        DataArguments(train_file=str(folder / "train.jsonl"), validation_split_percentage=25), mt_args, seed=0,
+        model_args=model_args)
+    assert (len(raw["train"]), len(raw["validation"])) == (3, 1) and "random 25%" in sources["validation"]
+
+
+EN = "A dog runs.\nTwo men talk.\nA girl sings.\n"
+DE = "Ein Hund rennt.\nZwei Männer reden.\nEin Mädchen singt.\n"
+# case -> (files to write, --train_file, the error expected)
+BAD_TRANSLATION_DATA = {
+    "count mismatch": ({"train.en": EN, "train.de": DE.split("\n", 1)[0] + "\n"}, "train",
+                       r"train.en has 3 lines but .*train.de has 1: line 2 of .*train.en has no translation"),
+    "empty file": ({"train.en": EN, "train.de": ""}, "train", r"train.de is empty: expected one sentence per line"),
+    "empty line": ({"train.en": EN, "train.de": DE.replace("Zwei Männer reden.", " ")}, "train",
+                   r"train.de, line 2: empty line, but a sentence was expected \(its translation, line 2 of "
+                   r".*train.en: 'Two men talk.'\)"),
+    "bad byte": ({"train.en": EN.encode() + b"Caf\xe9\n", "train.de": DE + "Café\n"}, "train",
+                 r"train.en, line 4, column 4: byte 0xE9 is not valid utf-8"),
+    "missing file": ({"train.en": EN}, "train.en", r"found neither .*train.de nor .*train.de.gz"),
+    "bad translation column": (
+        {"train.jsonl": json.dumps({"translation": {"en": "A dog.", "de": "Ein Hund."}}) + "\n"
+                        + json.dumps({"translation": {"en": "A cat."}}) + "\n"}, "train.jsonl",
+        r"train.jsonl, line 2: column 'translation' holds \{'en': 'A cat.', 'de': None\}; expected an object with "
+        r"the keys 'en' and 'de'"),
+    "missing language column": ({"train.tsv": "en\tfr\nA dog.\tUn chien.\n"}, "train.tsv",
+                                r"train.tsv: no column 'de' \(expected it as --target_lang\); the columns are "
+                                r"\['en', 'fr'\]"),
+    "empty cell": ({"train.tsv": "en\tde\nA dog.\tEin Hund.\n \tLeer.\n"}, "train.tsv",
+                   r"train.tsv, line 3: column 'en' holds ' '; expected a non-empty sentence"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRANSLATION_DATA))
+def test_bad_translation_data_names_the_file_and_line(tmp_path, case):
+    files, train_file, expected = BAD_TRANSLATION_DATA[case]
+    for name, content in files.items():
+        write(tmp_path / name, content)
+    data_args = DataArguments(train_file=str(tmp_path / train_file), validation_split_percentage=0)
+    with pytest.raises(DataError, match=expected):
+        train_translation.load_translation_data(data_args, train_translation.TranslationArguments(), seed=0,
+                                                model_args=train_translation.TranslationModelArguments())
+
+
+def test_translation_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_translation.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert train_translation.__doc__.strip().splitlines()[0] in help_text
+    for flag in ("--source_lang", "--num_beams", "--length_penalty", "--label_smoothing_factor",
+                 "--predict_with_generate", "--max_train_samples", "--resume_from_checkpoint", "--dataset_name"):
+        assert flag in help_text
+
+
+# A toy language pair a tiny model learns in seconds, so that its translations differ from sentence to sentence and
+# score above zero: each English word has one German word, in the same order.
+TOY_WORDS = {"dog": "Hund", "man": "Mann", "woman": "Frau", "child": "Kind", "runs": "rennt", "sits": "sitzt",
+             "red": "rot", "blue": "blau", "water": "Wasser", "house": "Haus"}
+
+
+def toy_pairs(count: int, rng) -> tuple[str, str]:
+    sentences = [[rng.choice(list(TOY_WORDS)) for _ in range(rng.randint(2, 5))] for _ in range(count)]
+    english = "".join(" ".join(words).capitalize() + ".\n" for words in sentences)
+    german = "".join(" ".join(TOY_WORDS[word] for word in words).capitalize() + ".\n" for words in sentences)
+    return english, german
+
+
+@pytest.fixture(scope="module")
+def translation_run(tmp_path_factory):
+    """train_translation on 300 toy pairs (train gzipped, as Multi30k ships), 16 validation and 16 test pairs."""
+    import random
+
+    folder = tmp_path_factory.mktemp("mt")
+    rng = random.Random(0)
+    for split, count in (("train", 300), ("val", 16), ("test", 16)):
+        english, german = toy_pairs(count, rng)
+        compress = gzip.compress if split == "train" else bytes
+        write(folder / f"{split}.en{'.gz' if split == 'train' else ''}", compress(english.encode()))
+        write(folder / f"{split}.de{'.gz' if split == 'train' else ''}", compress(german.encode()))
+    output_dir = folder / "out"
+    results = train_translation.main([
+        "--train_file", str(folder / "train"), "--validation_file", str(folder / "val.en"),
+        "--test_file", str(folder / "test"), "--tokenizer_vocab_size", "600", "--max_target_length", "32",
+        "--config_overrides", TRANSLATION_TINY, *QUIET, "--max_steps", "500", "--learning_rate", "5e-3",
+        "--save_strategy", "no", "--num_beams", "3", "--length_penalty", "0.8", "--num_examples_to_print", "2",
+        # transformers then also groups the evaluation batches by length; the written translations must not be.
+        "--train_sampling_strategy", "group_by_length", "--logging_steps", "100",
+        "--output_dir", str(output_dir),
+    ])
+    return results, output_dir, folder
+
+
+def test_translation_recipe_trains_translates_and_saves(translation_run, capsys):
+    results, output_dir, folder = translation_run
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert isinstance(model, hf_blueprint.BlueprintForConditionalGeneration)
+    assert model.config.vocab_size == len(tokenizer) == results["vocab_size"]
+    assert model.config.decoder_start_token_id == tokenizer.eos_token_id  # fairseq's and Marian's start token
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("Ein Hund.")["input_ids"])
+    assert tokens[-1] == tokenizer.eos_token and tokenizer.eos_token not in tokens[:-1]  # the seq2seq family
+    assert (model.generation_config.num_beams, model.generation_config.length_penalty) == (3, 0.8)
+    assert (model.config.num_hidden_layers, model.config.decoder_layers) == (2, 2)  # the override reaches both
+    assert results["global_step"] == 500 and results["train_pairs"] == 300
+    card = (output_dir / "README.md").read_text()
+    assert "AutoModelForSeq2SeqLM" in card and "| `decoder_layers` | `2` |" in card
+
+    # The reported test BLEU is that of the saved model's own beam-search translations: regenerated here from the
+    # reloaded folder with its saved settings, they are the same texts and score the same numbers.
+    sources = (folder / "test.en").read_text(encoding="utf-8").splitlines()
+    references = (folder / "test.de").read_text(encoding="utf-8").splitlines()
+    batch = tokenizer(sources, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**batch)
+    translations = [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    assert len(set(translations)) > 8  # the translations depend on the source, so their order is checked here
+    assert translations == results["test_translations"]
+    assert (output_dir / "test_translations.txt").read_text(encoding="utf-8").splitlines() == translations
+    scores = TranslationMetrics(tokenizer, "de").score(translations, references)
+    assert results["test_bleu"] == pytest.approx(scores["bleu"])
+    assert results["test_bleu_tok_lc"] == pytest.approx(scores["bleu_tok_lc"])
+    assert results["test_bleu"] > 5  # it learned to translate: after 200 steps, before it had, this scored 0 to 3
+    assert results["bleu_signatures"]["bleu"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert results["bleu_signatures"]["bleu_tok_lc"].startswith("nrefs:1|case:lc|eff:no|tok:none")
+    assert "eval_bleu" in results and len(results["eval_translations"]) == 16
+
+
+def test_translation_metrics_score_the_generated_ids(translation_run):
+    # compute_metrics as the Trainer calls it: generated ids padded with [PAD] within a batch and -100 between
+    # batches, labels padded with -100. Changing one translation changes the score.
+    results, output_dir, folder = translation_run
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    references = (folder / "test.de").read_text(encoding="utf-8").splitlines()[:4]
+    translations = results["test_translations"][:4]
+
+    def padded(ids_list, value):
+        width = max(len(ids) for ids in ids_list) + 2
+        return np.array([ids + [value] * (width - len(ids)) for ids in ids_list])
+
+    metrics = TranslationMetrics(tokenizer, "de")
+    generated = [[tokenizer.eos_token_id] + tokenizer(text)["input_ids"] for text in translations]
+    generated[0] += [tokenizer.pad_token_id]
+    labels = [tokenizer(text_target=text)["input_ids"] for text in references]
+    scores = metrics(EvalPrediction(predictions=padded(generated, -100), label_ids=padded(labels, -100)))
+    assert scores == pytest.approx(metrics.score(translations, references))
+    better = [references[0]] + translations[1:]  # one translation replaced by its reference
+    assert metrics.score(better, references)["bleu"] > scores["bleu"]
+    assert metrics.score(better, references)["bleu_tok_lc"] > scores["bleu_tok_lc"]
+    assert metrics.score(references, references)["bleu"] == pytest.approx(100.0)
+
+
+def test_translation_recipe_refuses_bad_data_before_training(tmp_path):
+    write(tmp_path / "train.en", "A dog runs.\nTwo men talk.\n")
+    write(tmp_path / "train.de", "Ein Hund rennt.\n")
+    with pytest.raises(DataError, match=r"train.en has 2 lines but .*train.de has 1"):
+        train_translation.main(["--train_file", str(tmp_path / "train"), "--output_dir", str(tmp_path / "out"),
+                                *QUIET])
+    assert not (tmp_path / "out").exists()
