@@ -65,6 +65,7 @@ from hf_blueprint.recipe_args import (
     format_summary,
     load_or_train_tokenizer,
     parse_args,
+    predict_in_order,
     resume_checkpoint,
     sequence_length,
     setup_logging,
@@ -227,7 +228,7 @@ def _family(model_args: ModelArguments) -> str:
 
 
 def _write_predictions(trainer: Trainer, dataset, id2label: dict, training_args: TrainingArguments) -> str:
-    logits = trainer.predict(dataset).predictions
+    logits = predict_in_order(trainer, dataset).predictions  # rows in file order, even with group_by_length
     logits = logits[0] if isinstance(logits, tuple) else logits
     path = os.path.join(training_args.output_dir, "test_predictions.tsv")
     if trainer.is_world_process_zero():

@@ -46,7 +46,8 @@ class TokenizerTrainingArguments:
     family: str = field(
         default="decoder",
         metadata={"help": "Model family the tokenizer is for: encoder adds [CLS] ... [SEP] around each text, decoder "
-                          "adds nothing.", "choices": FAMILIES},
+                          "adds nothing, seq2seq (encoder-decoder) ends each text with <|endoftext|>.",
+                  "choices": FAMILIES},
     )
     model_max_length: int | None = field(
         default=None, metadata={"help": "Longest input of the model it will serve, stored in the tokenizer config."}

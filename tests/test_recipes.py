@@ -616,6 +616,27 @@ def test_padding_free_classification_recipe_matches_the_padded_run(tmp_path, sst
     assert padding_free["eval_accuracy"] == padded["eval_accuracy"]
 
 
+def test_unlabeled_test_file_is_predicted_in_file_order(tmp_path, sst2_slice):
+    # group_by_length also reorders evaluation batches in transformers 5; the written predictions must not move.
+    texts = [line.rsplit("\t", 1)[0] for line in Path(sst2_slice["dev"]).read_text(encoding="utf-8").splitlines()[1:]]
+    test_file = write(tmp_path / "test.tsv", "sentence\n" + "".join(f"{text}\n" for text in texts))
+    results = finetune_classification.main([
+        "--train_file", sst2_slice["train"], "--test_file", test_file, "--validation_split_percentage", "10",
+        "--tokenizer_vocab_size", "400", "--config_overrides", TINY, *QUIET, "--max_steps", "80",
+        "--learning_rate", "1e-2", "--save_strategy", "no", "--train_sampling_strategy", "group_by_length",
+        "--output_dir", str(tmp_path / "out"),
+    ])
+    written = Path(results["test_predictions_file"]).read_text(encoding="utf-8").splitlines()
+    assert written[0] == "index\tprediction" and len(written) == len(texts) + 1
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        expected = [model.config.id2label[int(model(**tokenizer(text, truncation=True, return_tensors="pt")).logits.argmax())]
+                    for text in texts]
+    assert [line.split("\t")[1] for line in written[1:]] == expected
+    assert len(set(expected)) > 1  # both classes predicted: an order mistake would show
+
+
 def test_padding_free_masked_lm_recipe_matches_the_padded_run(masked_run, sst2_slice, tmp_path):
     padded, _ = masked_run
     padding_free = pretrain_masked_lm.main([
