@@ -226,6 +226,14 @@ def eager_attention_forward(
     return output, weights
 
 
+def number_sequences_across_rows(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) sequence ids numbered from 0 in each row (`find_packed_sequences`) -> flat (batch * seq,) ids in
+    reading order: each row continues after the last sequence of the rows above it."""
+    sequences_per_row = sequence_ids[:, -1] + 1
+    row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
+    return (sequence_ids + row_offsets[:, None]).reshape(-1)
+
+
 class PackedSequences:
     """A padding-free row as attention sees it: its sequences gathered into a padded (sequences, longest) batch.
 
@@ -235,10 +243,7 @@ class PackedSequences:
     the scatter back are index operations: the result is exactly that of the block-diagonal mask."""
 
     def __init__(self, sequence_ids: torch.Tensor):
-        # Number the sequences across rows in reading order (rows from `find_packed_sequences` start at 0 each).
-        sequences_per_row = sequence_ids[:, -1] + 1
-        row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
-        sequence_ids = (sequence_ids + row_offsets[:, None]).reshape(-1)
+        sequence_ids = number_sequences_across_rows(sequence_ids)
         lengths = torch.bincount(sequence_ids)
         starts = lengths.cumsum(0) - lengths
         offsets = torch.arange(int(lengths.max()), device=sequence_ids.device)
@@ -500,17 +505,14 @@ def pool_segments(hidden_states: torch.Tensor, sequence_ids: torch.Tensor, strat
     `pool_sequence` pools in the padded row of the same sequence."""
     hidden_size = hidden_states.shape[-1]
     tokens = hidden_states.reshape(-1, hidden_size)
-    # Number the sequences across rows: each row continues after the last sequence of the rows above it.
-    sequences_per_row = sequence_ids[:, -1] + 1
-    row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
-    sequence_ids = (sequence_ids + row_offsets[:, None]).reshape(-1)
+    sequence_ids = number_sequences_across_rows(sequence_ids)
     starts = torch.ones_like(sequence_ids, dtype=torch.bool)
     starts[1:] = sequence_ids[1:] != sequence_ids[:-1]
     if strategy == "first":
         return tokens[starts]
     if strategy == "last":  # a token is the last of its sequence when the next one starts a sequence (or it ends all)
         return tokens[starts.roll(-1)]
-    num_sequences = int(sequences_per_row.sum())
+    num_sequences = int(sequence_ids[-1]) + 1
     if strategy == "mean":
         lengths = torch.bincount(sequence_ids, minlength=num_sequences).to(tokens.dtype)
         return tokens.new_zeros(num_sequences, hidden_size).index_add(0, sequence_ids, tokens) / lengths[:, None]
