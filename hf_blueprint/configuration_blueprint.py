@@ -85,6 +85,9 @@ class BlueprintConfig(PretrainedConfig):
         hidden_dropout_prob: dropout on embeddings and on each sub-layer output before the residual add (P_drop).
         attention_dropout: dropout on the attention probabilities.
         activation_dropout: dropout inside the feed-forward network, after the activation.
+        word_dropout_prob: probability that a token's whole embedding vector is zeroed in training (its position
+            signal stays), the survivors scaled by 1 / (1 - p): word dropout (Iyyer et al., 2015; Sennrich et al.,
+            2016). It teaches a model trained on little data not to lean on single words it may never see again.
         classifier_dropout: dropout before classification heads; `None` uses `hidden_dropout_prob`.
         initializer_range: std of the normal init of linear layers (and of embeddings when they are not scaled;
             scaled embeddings use hidden_size**-0.5 so that the scaled vectors have unit variance).
@@ -136,6 +139,7 @@ class BlueprintConfig(PretrainedConfig):
     hidden_dropout_prob: float = 0.1
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
+    word_dropout_prob: float = 0.0
     classifier_dropout: float | None = None
     initializer_range: float = 0.02
 
@@ -284,7 +288,8 @@ class BlueprintConfig(PretrainedConfig):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}.{field} must be True or False, got {value!r}.")
 
-        for field in ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "classifier_dropout"]:
+        for field in ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "word_dropout_prob",
+                      "classifier_dropout"]:
             value = getattr(self, field)
             if value is None and field == "classifier_dropout":
                 continue

@@ -818,7 +818,9 @@ def to_transformers(model_or_folder, *, architecture: str | None = None, dtype=N
     if problems:
         raise ConversionError(f"{native_class.__name__} cannot express this {type(source).__name__}: "
                               f"{'; '.join(problems)}.")
-    _warn_dropped(arch.dropped_dropouts(config, head), native_class.__name__)
+    # No native architecture has word dropout.
+    word_dropout = [f"word_dropout_prob={config.word_dropout_prob}"] if config.word_dropout_prob else []
+    _warn_dropped(arch.dropped_dropouts(config, head) + word_dropout, native_class.__name__)
 
     trunk, heads = _split(source, source.state_dict())
     mapped = arch.trunk_from_blueprint(trunk, config)

@@ -903,6 +903,10 @@ class BlueprintModel(BlueprintPreTrainedModel):
     def embed(self, inputs_embeds, token_type_ids, position_ids) -> torch.Tensor:
         """Token embedding * sqrt(d_model) (+ token types) + positional encoding, then dropout."""
         hidden_states = inputs_embeds * self.embedding_scale if self.embedding_scale != 1.0 else inputs_embeds
+        if self.training and self.config.word_dropout_prob > 0:
+            keep_probability = 1.0 - self.config.word_dropout_prob
+            keep = torch.bernoulli(hidden_states.new_full((*hidden_states.shape[:-1], 1), keep_probability))
+            hidden_states = hidden_states * keep / keep_probability
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)

@@ -450,6 +450,12 @@ def test_inexpressible_dropout_is_dropped_with_a_warning():
         to_transformers(model)
 
 
+def test_word_dropout_is_dropped_with_a_warning():
+    model = blueprint("BlueprintDecoderForCausalLM", "gpt2", word_dropout_prob=0.1)
+    with pytest.warns(UserWarning, match="GPT2LMHeadModel cannot express word_dropout_prob=0.1"):
+        to_transformers(model)
+
+
 def test_dtype_is_kept_and_bf16_round_trip_is_bitwise():
     reference = gpt2("h32-a4").to(torch.bfloat16)
     converted = from_transformers(reference)

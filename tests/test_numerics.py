@@ -590,7 +590,7 @@ def test_pre_and_post_norm_compute_different_functions(family):
 # Dropout: every dropout switch acts in training mode, and none acts when all are 0 (or in eval mode).
 # ================================================================================================================
 
-DROPOUTS = ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "classifier_dropout"]
+DROPOUTS = ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "word_dropout_prob", "classifier_dropout"]
 
 
 @pytest.mark.parametrize("family", ["encoder", "decoder"])
@@ -622,6 +622,29 @@ def test_hidden_dropout_acts_on_the_embeddings(family):
             torch.manual_seed(seed)
             model(ids)
     assert max_diff(inputs[0], inputs[1]) > VISIBLE
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_word_dropout_zeroes_whole_token_vectors_and_rescales_the_rest(family):
+    # Word dropout removes a token entirely (every feature of its vector at once), unlike element-wise dropout, and
+    # keeps the expected input by scaling the kept tokens by 1 / (1 - p).
+    probability = 0.5
+    model = tiny_model({"encoder": "BlueprintEncoderModel", "decoder": "BlueprintDecoderModel"}[family],
+                       position_embedding_type="none", embedding_norm=False,
+                       **{**{f: 0.0 for f in DROPOUTS}, "word_dropout_prob": probability})
+    inputs = []
+    model.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    ids = random_ids(8, 50, seed=22)
+    with torch.no_grad():
+        model(ids)
+        torch.manual_seed(0)
+        model.train()(ids)
+    full, dropped = inputs
+    is_zero = (dropped == 0).all(-1)
+    assert ((dropped == 0) == is_zero[..., None]).all(), "a token vector was only partly zeroed"
+    torch.testing.assert_close(dropped[~is_zero], full[~is_zero] / (1 - probability))
+    assert 0.35 < is_zero.float().mean() < 0.65  # 400 tokens, p = 0.5
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])

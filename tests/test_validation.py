@@ -52,6 +52,7 @@ IMPOSSIBLE = {
     "negative-vocab": (dict(vocab_size=-5), ["vocab_size"]),
     "zero-window": (dict(sliding_window=0), ["sliding_window"]),
     "dropout-above-one": (dict(hidden_dropout_prob=1.5), ["hidden_dropout_prob"]),
+    "word-dropout-of-one": (dict(word_dropout_prob=1.0), ["word_dropout_prob"]),
     "negative-token-types": (dict(type_vocab_size=-1), ["type_vocab_size"]),
 }
 
