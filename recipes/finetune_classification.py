@@ -22,11 +22,11 @@ TREC (coarse labels), validation carved out of train, the official 500 questions
 
 A test file without the label column is predicted instead of scored (predictions in test_predictions.tsv).
 
-Padding-free batches (`--padding_free`): the examples of a batch go end to end in one row instead of being padded to
-the longest, for the same per-example logits and loss without computing on the padding (SST-2 batches of 64 are about
-two-thirds padding; the speed-up depends on the shape, docs/BENCHMARKS.md):
+Padding-free batches (`--padding_free`, on in sst2_scratch.yaml): the examples of a batch go end to end in one row
+instead of being padded to the longest, for the same per-example logits and loss without computing on the padding
+(SST-2 batches of 64 are about two-thirds padding; the speed-up depends on the shape, docs/BENCHMARKS.md):
 
-    python recipes/finetune_classification.py recipes/configs/sst2_scratch.yaml --padding_free
+    python recipes/finetune_classification.py recipes/configs/trec_scratch.yaml --padding_free
 """
 
 import logging
