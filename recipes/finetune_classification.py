@@ -108,9 +108,12 @@ class ClassificationArguments:
     )
 
 
+# The recipe's flags: one dataclass per group, in the order main() unpacks them.
+ARGUMENTS = (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments)
+
+
 def main(argv=None):
-    model_args, data_args, cls_args, training_args = parse_args(
-        (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments), argv, DEFAULTS, description=__doc__)
+    model_args, data_args, cls_args, training_args = parse_args(ARGUMENTS, argv, DEFAULTS, description=__doc__)
     return run(model_args, data_args, cls_args, training_args)
 
 

@@ -86,9 +86,12 @@ class CausalLMArguments:
     sample_top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: all)."})
 
 
+# The recipe's flags: one dataclass per group, in the order main() unpacks them.
+ARGUMENTS = (ModelArguments, DataArguments, CausalLMArguments, TrainingArguments)
+
+
 def main(argv=None):
-    model_args, data_args, lm_args, training_args = parse_args(
-        (ModelArguments, DataArguments, CausalLMArguments, TrainingArguments), argv, DEFAULTS, description=__doc__)
+    model_args, data_args, lm_args, training_args = parse_args(ARGUMENTS, argv, DEFAULTS, description=__doc__)
     return run(model_args, data_args, lm_args, training_args)
 
 

@@ -103,9 +103,12 @@ class MaskedLMArguments:
                              "there is no padding to remove (and one long row would only make attention dearer).")
 
 
+# The recipe's flags: one dataclass per group, in the order main() unpacks them.
+ARGUMENTS = (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments)
+
+
 def main(argv=None):
-    model_args, data_args, mlm_args, training_args = parse_args(
-        (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments), argv, DEFAULTS, description=__doc__)
+    model_args, data_args, mlm_args, training_args = parse_args(ARGUMENTS, argv, DEFAULTS, description=__doc__)
     return run(model_args, data_args, mlm_args, training_args)
 
 

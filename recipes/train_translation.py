@@ -131,10 +131,12 @@ class TranslationArguments:
     )
 
 
+# The recipe's flags: one dataclass per group, in the order main() unpacks them.
+ARGUMENTS = (TranslationModelArguments, DataArguments, TranslationArguments, Seq2SeqTrainingArguments)
+
+
 def main(argv=None):
-    model_args, data_args, mt_args, training_args = parse_args(
-        (TranslationModelArguments, DataArguments, TranslationArguments, Seq2SeqTrainingArguments), argv, DEFAULTS,
-        description=__doc__)
+    model_args, data_args, mt_args, training_args = parse_args(ARGUMENTS, argv, DEFAULTS, description=__doc__)
     return run(model_args, data_args, mt_args, training_args)
 
 
