@@ -78,8 +78,10 @@ class BlueprintConfig(PretrainedConfig):
         hidden_act: activation of the feed-forward network, any name transformers' `ACT2FN` knows.
         attention_bias: biases on the q/k/v/o projections (the paper's equations have none; BERT, GPT-2 do).
         mlp_bias: biases on the feed-forward projections (the paper's FFN has b1 and b2).
-        sliding_window: if set, each token attends only to the last `sliding_window` tokens (causal) or to
-            tokens within that distance on either side (bidirectional): local attention.
+        sliding_window: local attention. If set to W, a token attends only to the tokens less than W positions
+            away, in every family: itself and the W - 1 before it in a causal stack (W keys, Mistral's meaning), W - 1
+            on each side in a bidirectional one (2W - 1 keys). The encoder-decoder's cross-attention always sees the
+            whole source.
 
     Regularization and init:
         hidden_dropout_prob: dropout on embeddings and on each sub-layer output before the residual add (P_drop).
@@ -173,8 +175,9 @@ class BlueprintConfig(PretrainedConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BlueprintConfig":
-        # Recorded (as AutoConfig does) so that from_dict can say which checkpoint a bad config.json belongs to.
-        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        # Passed on so that from_dict can say which checkpoint a bad config.json belongs to; not stored in the config,
+        # whose to_dict() must survive a save and a load unchanged (as a native config's does).
+        kwargs.setdefault("_source_for_errors", str(pretrained_model_name_or_path))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -182,9 +185,15 @@ class BlueprintConfig(PretrainedConfig):
         """As transformers' `from_dict`, plus the checks of a config read from a file: a config.json of another
         Blueprint family is refused (the weights would run with the wrong attention), unknown keys (a newer version?)
         and missing switches (an older or hand-written file?) are logged, and a bad field names the file."""
-        source = kwargs.get("name_or_path") or config_dict.get("_name_or_path") or ""
+        source = kwargs.pop("_source_for_errors", None) or kwargs.get("name_or_path") or \
+            config_dict.get("_name_or_path") or ""
         where = f"the config.json of {source!r}" if source else "the config dict"
         found = config_dict.get("model_type")
+        family = {family.model_type: family for family in BlueprintConfig.__subclasses__()}.get(found)
+        if cls is BlueprintConfig and family is not None:
+            # The shared base describes no family: read the file with its own class, as AutoConfig would (the
+            # generic class would take a decoder's config for a bidirectional one).
+            return family.from_dict(config_dict, _source_for_errors=source, **kwargs)
         if cls.model_type and isinstance(found, str) and found.startswith("blueprint_") and found != cls.model_type:
             raise ValueError(
                 f"{where} has model_type {found!r}, but {cls.__name__} reads {cls.model_type!r}: the families differ in "

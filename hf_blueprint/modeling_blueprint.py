@@ -12,6 +12,8 @@ attention) and the decoder (causal attention with a key/value cache).
 This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
 """
 
+import copy
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -37,7 +39,9 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, is_torchdynamo_compiling
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, is_torchdynamo_compiling
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_blueprint import (
     BlueprintConfig,
@@ -48,8 +52,8 @@ from .configuration_blueprint import (
 
 try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
     from transformers.masking_utils import (
+        and_masks,
         create_bidirectional_mask,
-        create_bidirectional_sliding_window_mask,
         create_causal_mask,
         create_sliding_window_causal_mask,
         find_packed_sequence_indices,
@@ -226,6 +230,15 @@ def eager_attention_forward(
     return output, weights
 
 
+def bidirectional_window_overlay(sliding_window: int) -> Callable:
+    """Local attention without direction: a query sees the keys less than `sliding_window` positions away."""
+
+    def within_window(batch_idx, head_idx, q_idx, kv_idx):
+        return abs(q_idx - kv_idx) < sliding_window
+
+    return within_window
+
+
 def number_sequences_across_rows(sequence_ids: torch.Tensor) -> torch.Tensor:
     """(batch, seq) sequence ids numbered from 0 in each row (`find_packed_sequences`) -> flat (batch * seq,) ids in
     reading order: each row continues after the last sequence of the rows above it."""
@@ -280,7 +293,8 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        # Cross-attention reads the whole source, always: a window applies to self-attention only.
+        self.sliding_window = None if is_cross_attention else config.sliding_window
         self.attention_dropout = config.attention_dropout
 
         bias = config.attention_bias
@@ -417,15 +431,17 @@ class TransformerBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
-        encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # Both inputs that carry gradients come positionally: reentrant gradient checkpointing only propagates
+        # gradients to positional tensors (GradientCheckpointingLayer).
         attn_output, self_attn_weights = self.self_attn(
             self.sublayer_input(hidden_states, self.self_attn_norm),
             attention_mask=attention_mask,
@@ -602,12 +618,13 @@ class BlueprintPreTrainedModel(PreTrainedModel):
         which file), and a checkpoint holding NaN/inf weights (saved from a diverged run) is refused;
         `check_finite_weights=False` loads it anyway, to inspect it."""
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except Exception as error:
             if type(error).__name__ != "SafetensorError":
                 raise
             raise OSError(f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): "
                           f"{_unreadable_weights(pretrained_model_name_or_path)} ({error}).") from error
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         if check_finite_weights:
             bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
                    and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
@@ -617,7 +634,20 @@ class BlueprintPreTrainedModel(PreTrainedModel):
                     f"non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[:4]}; it was probably saved from "
                     f"a run that diverged. Load an earlier checkpoint, or pass check_finite_weights=False to inspect it."
                 )
-        return model
+        return loaded
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers resizes the input embedding (the encoder's) and the output layer; an encoder-decoder with
+        untied embeddings has a third matrix, the decoder's, which must grow with them."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if getattr(self.config, "is_encoder_decoder", False):
+            decoder = self.get_decoder()
+            new_size = embeddings.weight.shape[0]
+            if decoder.embed_tokens.weight.shape[0] != new_size:
+                decoder.set_input_embeddings(
+                    self._get_resized_embeddings(decoder.embed_tokens, new_size, mean_resizing=mean_resizing)
+                )
+        return embeddings
 
     def _has_targets(self, logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> bool:
         """Check that there is one label per token, and whether any is scored (not -100; after the shift of next-
@@ -655,6 +685,34 @@ class BlueprintPreTrainedModel(PreTrainedModel):
         return logits.sum() * 0.0 + 0.0  # connected to the graph, so backward() works; + 0.0 turns -0.0 into 0.0
 
 
+# Keywords transformers passes through a model's forward to its layers, attention implementation and loss.
+PASS_THROUGH_KWARGS = frozenset().union(
+    TransformersKwargs.__required_keys__, TransformersKwargs.__optional_keys__, FlashAttentionKwargs.__optional_keys__,
+    {"num_items_in_batch", "ignore_index", "shift_labels"},  # the loss functions' keywords
+)
+
+
+def reject_unknown_kwargs(forward: Callable) -> Callable:
+    """A forward takes its own arguments and transformers' pass-through keywords; anything else (a typo such as
+    `atention_mask=`, an argument of another model) is a TypeError naming it, as for a plain Python function, instead
+    of vanishing into **kwargs while the call runs without it."""
+    parameters = frozenset(inspect.signature(forward).parameters)
+
+    @functools.wraps(forward)
+    def checked_forward(self, *args, **kwargs):
+        for name in kwargs:
+            if name not in parameters and name not in PASS_THROUGH_KWARGS:
+                raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {name!r}")
+        return forward(self, *args, **kwargs)
+
+    return checked_forward
+
+
+# transformers 5.x renamed the cache argument `past_key_values` -> `cache`; native models accept the old name (with a
+# FutureWarning) until 5.40, and so do the Blueprint forwards that take a cache.
+accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+
+
 class GenerationChecks:
     """generate() arguments checked before any decoding step: a clear ValueError instead of a ZeroDivisionError from
     num_beams=0, an IndexError from an empty prompt, or a position-table error after tokens were already decoded.
@@ -680,6 +738,8 @@ class GenerationChecks:
             value = getattr(generation_config, field, None)
             ids = value.tolist() if isinstance(value, torch.Tensor) else value
             ids = ids if isinstance(ids, (list, tuple)) else [ids]
+            if field == "eos_token_id":  # a negative id means "never stop" to transformers (it warns itself)
+                ids = [i for i in ids if i is None or int(i) >= 0]
             if any(i is not None and not 0 <= int(i) < vocab_size for i in ids):
                 raise ValueError(f"generate(): `{field}`={value!r} lies outside the vocabulary [0, vocab_size="
                                  f"{vocab_size}): the model can never produce it (a preset's ids with a smaller "
@@ -727,6 +787,13 @@ class BlueprintModel(BlueprintPreTrainedModel):
         num_layers: int | None = None,
         add_pooling_layer: bool | None = None,
     ):
+        if is_causal is None and getattr(config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(self).__name__} is one stack of blocks, but this is an encoder-decoder config "
+                f"({config.model_type!r}): none of its encoder.* / decoder.* weights would load. Use "
+                f"BlueprintSeq2SeqModel or BlueprintForConditionalGeneration (AutoModel / AutoModelForSeq2SeqLM); "
+                f"their get_encoder() and get_decoder() return the two stacks."
+            )
         super().__init__(config)
         self.is_causal = config.is_causal if is_causal is None else is_causal
         self.has_cross_attention = has_cross_attention
@@ -762,6 +829,8 @@ class BlueprintModel(BlueprintPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    @accepts_past_key_values
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -800,22 +869,25 @@ class BlueprintModel(BlueprintPreTrainedModel):
             decoder_config = config.get_text_config(decoder=True)  # sized for this stack's depth
             cache = DynamicCache(config=decoder_config)
             if self.has_cross_attention:
-                cache = EncoderDecoderCache(cache, DynamicCache(config=decoder_config))
+                cache = EncoderDecoderCache(cache, DynamicCache())  # full layers: cross-attention sees every source key
         past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
             raise ValueError(
                 f"{type(self).__name__}: `attention_mask` covers {attention_mask.shape[1]} positions, expected "
                 f"past ({past_length}) + sequence ({seq_len}) = {past_length + seq_len}."
             )
-        if attention_mask is not None and attention_mask.dim() == 4 and (
-            attention_mask.shape[0] not in (1, batch_size) or attention_mask.shape[1] not in (1, config.num_attention_heads)
-            or attention_mask.shape[2] != seq_len
-            or (not is_torchdynamo_compiling() and attention_mask.shape[3] < past_length + seq_len)
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: a 4D `attention_mask` must have shape (batch or 1, 1 or heads, query={seq_len}, "
-                f"key>={past_length + seq_len}), got {tuple(attention_mask.shape)}."
-            )
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The keys the mask must cover: what the cache returns (a sliding-window cache keeps only the window).
+            key_length = cache.get_mask_sizes(seq_len, 0)[0] if cache is not None else seq_len
+            if attention_mask.shape[0] not in (1, batch_size) or attention_mask.shape[1] not in (
+                1, config.num_attention_heads
+            ) or attention_mask.shape[2] != seq_len or (
+                not is_torchdynamo_compiling() and attention_mask.shape[3] < key_length
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}: a 4D `attention_mask` must have shape (batch or 1, 1 or heads, "
+                    f"query={seq_len}, key>={key_length}), got {tuple(attention_mask.shape)}."
+                )
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
         self._check_positions(position_ids)
@@ -856,12 +928,12 @@ class BlueprintModel(BlueprintPreTrainedModel):
                 all_hidden_states += (hidden_states,)
             hidden_states, attn_weights, cross_attn_weights = layer(
                 hidden_states,
+                encoder_hidden_states,
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_bias=position_bias,
                 cache=cache,
                 output_attentions=output_attentions,
-                encoder_hidden_states=encoder_hidden_states,
                 encoder_attention_mask=encoder_attention_mask,
                 **kwargs,
             )
@@ -923,7 +995,9 @@ class BlueprintModel(BlueprintPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:
             positions = attention_mask.long().cumsum(-1) - 1
             return positions.clamp_min(0)[:, -seq_len:]
-        return torch.arange(past_length, past_length + seq_len, device=device).unsqueeze(0)
+        # arange(T) + past rather than arange(past, past + T): with a static cache `past_length` is a tensor, and
+        # torch.export / torch.compile cannot trace an arange whose bounds are data.
+        return (torch.arange(seq_len, device=device) + past_length).unsqueeze(0)
 
     def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
         """The mask in the format of the configured attention implementation; None when nothing is masked."""
@@ -938,10 +1012,16 @@ class BlueprintModel(BlueprintPreTrainedModel):
                 position_ids=position_ids,
             )
         # The causal builders detect packed rows from position_ids themselves; the bidirectional ones need telling.
-        same_sequence = packed_sequence_mask_function(packed_sequences) if packed_sequences is not None else None
-        build = create_bidirectional_mask if config.sliding_window is None else create_bidirectional_sliding_window_mask
-        return build(
-            config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, and_mask_function=same_sequence
+        restrictions = []
+        if packed_sequences is not None:
+            restrictions.append(packed_sequence_mask_function(packed_sequences))
+        if config.sliding_window is not None:
+            # transformers' bidirectional window builder keeps distances <= W (2W + 1 keys); the Blueprint's window is
+            # one meaning in every family, distance < W (W keys causal, 2W - 1 bidirectional), as flash-attention's.
+            restrictions.append(bidirectional_window_overlay(config.sliding_window))
+        return create_bidirectional_mask(
+            config=config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+            and_mask_function=and_masks(*restrictions) if restrictions else None,
         )
 
     def _alibi_bias(self, cache, position_ids, hidden_states) -> torch.Tensor:
@@ -1077,6 +1157,8 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, Generatio
     def set_output_embeddings(self, new_embeddings: nn.Linear):
         self.lm_head = new_embeddings
 
+    @accepts_past_key_values
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1160,6 +1242,7 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear):
         self.lm_head = new_embeddings
 
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1218,6 +1301,8 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @accepts_past_key_values
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1225,6 +1310,8 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1239,7 +1326,8 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            use_cache=False,
+            cache=cache,
+            use_cache=bool(use_cache),  # a classifier keeps no cache unless asked to (the decoder's default is True)
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -1306,6 +1394,7 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1384,6 +1473,8 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
     def get_decoder(self) -> BlueprintModel:
         return self.decoder
 
+    @accepts_past_key_values
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1470,6 +1561,24 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
     def get_decoder(self) -> BlueprintModel:
         return self.model.decoder
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds the cross-attention cache from the decoder config, so with `sliding_window` set it would
+        keep only the last keys of the source. Cross-attention reads the whole source: give it full layers (as
+        transformers' T5Gemma does)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if self.config.sliding_window is None or not isinstance(cache, EncoderDecoderCache) or any(
+            cache.is_updated.values()
+        ):
+            return
+        full_attention = copy.deepcopy(self.config.get_text_config(decoder=True))
+        full_attention.sliding_window = None
+        if isinstance(cache.cross_attention_cache, StaticCache):
+            source_length = model_kwargs["encoder_outputs"][0].shape[1]
+            cache.cross_attention_cache = StaticCache(config=full_attention, max_cache_len=source_length)
+        else:
+            cache.cross_attention_cache = DynamicCache()
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by DataCollatorForSeq2Seq to build `decoder_input_ids` in the collator."""
         return shift_tokens_right(labels, self.config.pad_token_id, self._decoder_start_token_id())
@@ -1485,6 +1594,8 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
             )
         return start
 
+    @accepts_past_key_values
+    @reject_unknown_kwargs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1522,6 +1633,7 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
@@ -1565,7 +1677,7 @@ class BlueprintEncoderForTokenClassification(BlueprintForTokenClassification):
     config_class = BlueprintEncoderConfig
 
 
-class BlueprintDecoderForCausalLM(BlueprintForCausalLM):
+class BlueprintDecoderForCausalLM(BlueprintForCausalLM, GenerationMixin):  # transformers looks in the direct bases
     config_class = BlueprintDecoderConfig
 
 

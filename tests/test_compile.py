@@ -41,3 +41,17 @@ def test_compiled_generate_with_static_cache_matches_eager():
     expected = model.generate(input_ids, **kwargs)
     model.forward = torch.compile(model.forward, fullgraph=True)
     torch.testing.assert_close(model.generate(input_ids, **kwargs), expected, atol=0, rtol=0)
+
+
+def test_compiled_seq2seq_generate_with_static_cache_matches_eager():
+    fields = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  hidden_dropout_prob=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                  max_position_embeddings=64, initializer_range=0.2, sliding_window=3)
+    torch.manual_seed(0)
+    model = hf_blueprint.BlueprintForConditionalGeneration(hf_blueprint.BlueprintSeq2SeqConfig(**fields)).eval()
+    source = torch.tensor([[0, 0, 7, 3, 9], [4, 8, 15, 16, 23]])
+    kwargs = dict(attention_mask=(source != 0).long(), max_new_tokens=6, do_sample=False, eos_token_id=-1,
+                  cache_implementation="static")
+    expected = model.generate(source, **kwargs)
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    torch.testing.assert_close(model.generate(source, **kwargs), expected, atol=0, rtol=0)

@@ -164,9 +164,10 @@ def test_remote_code_files_import_only_torch_transformers_and_siblings(filename,
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                # inspect: read-only introspection (the heads store forward's signature for generate()).
+                # inspect: read-only introspection (the heads store forward's signature for generate());
+                # copy, functools: deep copies of configs and decorators, no I/O.
                 assert alias.name.split(".")[0] in {"torch", "transformers", "math", "collections", "typing",
-                                                    "inspect"}, alias.name
+                                                    "inspect", "copy", "functools"}, alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 root = node.module.split(".")[0]

@@ -138,13 +138,14 @@ def test_decoder_window_shows_oldest_token_inside(pos, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("changed", [QUERY - WINDOW - 1, QUERY + WINDOW + 1])
-def test_encoder_window_hides_tokens_beyond_distance(changed, impl):
+@pytest.mark.parametrize("changed", [QUERY - WINDOW, QUERY + WINDOW])
+def test_encoder_window_hides_tokens_sliding_window_away(changed, impl):
+    # The same meaning as the decoder's: keys less than `sliding_window` positions away, here on both sides.
     assert _one_layer_effect("BlueprintEncoderForMaskedLM", "rope", impl, changed) < 1e-6
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("changed", [QUERY - WINDOW, QUERY + WINDOW])
+@pytest.mark.parametrize("changed", [QUERY - WINDOW + 1, QUERY + WINDOW - 1])
 def test_encoder_window_shows_tokens_within_distance_on_both_sides(changed, impl):
     assert _one_layer_effect("BlueprintEncoderForMaskedLM", "rope", impl, changed) > VISIBLE
 

@@ -147,7 +147,7 @@ def test_attention_data_equals_output_attentions(tokenizer, family, overrides):
     if family == "decoder":
         forbidden |= k > q  # the causal upper triangle
     if overrides.get("sliding_window"):
-        forbidden |= (q - k).abs() > overrides["sliding_window"]
+        forbidden |= (q - k).abs() >= overrides["sliding_window"]
     assert torch.all(attentions[..., forbidden] == 0), "masked positions must get exactly zero attention"
     assert torch.all(attentions[..., ~forbidden] > 0)
     assert torch.equal(viz.masked_positions(attentions), forbidden)
