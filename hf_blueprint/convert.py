@@ -19,6 +19,10 @@ Supported (both directions; the direction follows the source's model_type):
         BertForTokenClassification                                        <-> BlueprintEncoder{Model,ForMaskedLM,...}
     Llama / Mistral / Qwen2 {Model, ForCausalLM, ForSequenceClassification} <-> BlueprintDecoder...
 
+The output folder must be new or empty (and apart from the source) unless `overwrite=True` / `--overwrite`; paths
+read from the source folder (a sentence-transformers `modules.json`, linked tokenizer files) must stay inside it,
+and weights that `--dtype` cannot hold are refused rather than written as inf.
+
 What cannot be expressed on the other side is refused with a ValueError that names the switch (a RoPE scaling
 type, sinusoidal positions for GPT-2, Pre-LN for BERT, ...). Where one side simply lacks a bias that the other has,
 the missing bias is a zero vector, which is exact (Qwen2's o_proj, GPT-2's score layer, a bias-free Blueprint
@@ -31,6 +35,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import re
+import secrets
 import shutil
 import sys
 import warnings
@@ -44,14 +51,16 @@ from transformers.initialization import no_init_weights
 
 from . import modeling_blueprint
 from .configuration_blueprint import BlueprintConfig, BlueprintDecoderConfig, BlueprintEncoderConfig
+from .paths import UnsafePathError, copy_file, files_in_folder, safe_join
 
 
-__all__ = ["ConversionError", "convert", "copy_tokenizer", "from_transformers", "main", "to_blueprint_config",
-           "to_transformers"]
+__all__ = ["ConversionError", "check_model_folder", "convert", "copy_tokenizer", "from_transformers", "main",
+           "to_blueprint_config", "to_transformers", "tokenizer_files"]
 
 
 class ConversionError(ValueError):
-    """The source model uses something the target architecture cannot express."""
+    """The conversion cannot be done: the source model uses something the target architecture cannot express, its
+    folder is not a model of a supported type, or the output would overwrite something not offered for it."""
 
 
 BASE, CAUSAL_LM, MASKED_LM, SEQ_CLS, TOKEN_CLS = "base", "causal_lm", "masked_lm", "seq_cls", "token_cls"
@@ -83,6 +92,10 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# Weights files of a model saved in a folder, single or sharded, with their index. Writing a model over another one,
+# those of the old model that the new one does not replace are removed: transformers would load a stale
+# `model.safetensors` before a new sharded index.
+WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 def _linear(sd: dict, src: str, out: dict, dst: str, transpose: bool = False):
@@ -639,20 +652,52 @@ ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (GPT2(), B
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+BLUEPRINT_MODEL_TYPES = (BlueprintEncoderConfig.model_type, BlueprintDecoderConfig.model_type)
+
+
 def _is_blueprint_config(config) -> bool:
-    return getattr(config, "model_type", "") in (BlueprintEncoderConfig.model_type, BlueprintDecoderConfig.model_type)
+    return getattr(config, "model_type", "") in BLUEPRINT_MODEL_TYPES
 
 
-def _load(model_or_folder, dtype=None) -> PreTrainedModel:
-    """A model object as is, or the model saved in a folder (its class read from config.json's architectures)."""
+def _supported_types() -> str:
+    return (f"{', '.join(ARCHITECTURES)} (converted to the Blueprint) and {', '.join(BLUEPRINT_MODEL_TYPES)} "
+            f"(converted back to transformers)")
+
+
+def check_model_folder(folder) -> str:
+    """The model_type of the model saved in `folder`, read from its config.json without loading anything; a
+    ConversionError (FileNotFoundError for a missing folder) naming the file and what is wrong otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder" + ("." if folder.exists() else " (it does not exist)."))
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"{config_file} is not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file} is not a JSON object (it holds a {type(config).__name__}).")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ConversionError(f"{config_file} has no model_type; the converter reads {_supported_types()}.")
+    if model_type not in ARCHITECTURES and model_type not in BLUEPRINT_MODEL_TYPES:
+        raise ConversionError(f"{config_file}: model_type {model_type!r} is not supported; supported: "
+                              f"{_supported_types()}.")
+    return model_type
+
+
+def _load(model_or_folder) -> PreTrainedModel:
+    """A model object as is, or the model saved in a folder (its class read from config.json's architectures), in
+    the dtype it was saved in: a conversion to another dtype first checks that the weights fit it."""
     if isinstance(model_or_folder, PreTrainedModel):
         return model_or_folder
     folder = Path(model_or_folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+    check_model_folder(folder)
     config = AutoConfig.from_pretrained(folder)
     names = list(getattr(config, "architectures", None) or [])
-    kwargs = {"dtype": dtype if dtype is not None else "auto"}
+    kwargs = {"dtype": "auto"}
     if _is_blueprint_config(config):
         candidates = [name for name in names if name in _BLUEPRINT_HEADS and hasattr(modeling_blueprint, name)]
         family = ENCODER if config.model_type == BlueprintEncoderConfig.model_type else DECODER
@@ -671,8 +716,7 @@ def _load(model_or_folder, dtype=None) -> PreTrainedModel:
 def _architecture(config) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ConversionError(f"model_type {model_type!r} is not supported; supported: "
-                              f"{', '.join(ARCHITECTURES)} (and the Blueprint's own for the way back).")
+        raise ConversionError(f"model_type {model_type!r} is not supported; supported: {_supported_types()}.")
     return ARCHITECTURES[model_type]
 
 
@@ -750,6 +794,26 @@ def _dtype_of(model, dtype):
     return next(model.parameters()).dtype
 
 
+def _check_representable(model, dtype, source_name: str):
+    """Refuses weights that `dtype` cannot hold: casting them would turn them into inf without a word (and the
+    converted model would then look like a diverged run)."""
+    target = _dtype_of(model, dtype)
+    if not target.is_floating_point:
+        return
+    largest = torch.finfo(target).max
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or torch.finfo(tensor.dtype).max <= largest:
+            continue
+        overflows = tensor.to(target).isinf() & tensor.isfinite()
+        if overflows.any():
+            magnitude = tensor[overflows].abs().max().item()
+            raise ConversionError(
+                f"{source_name}: weight {name} holds values up to {magnitude:.4g} in magnitude, beyond the largest "
+                f"{str(target).removeprefix('torch.')} ({largest:.4g}); converting would turn them into inf. Keep a "
+                f"dtype that holds them (float32)."
+            )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------------
@@ -769,11 +833,12 @@ def to_blueprint_config(native_config, *, head: str = BASE, add_pooling_layer: b
 def from_transformers(model_or_folder, *, dtype=None, attn_implementation: str | None = None) -> PreTrainedModel:
     """A transformers GPT-2 / BERT / Llama / Mistral / Qwen2 model (object or folder) as the matching Blueprint model,
     computing the same outputs."""
-    source = _load(model_or_folder, dtype=dtype)
+    source = _load(model_or_folder)
     if _is_blueprint_config(source.config):
         raise ConversionError(f"{type(source).__name__} is already a Blueprint model; use to_transformers().")
     arch = _architecture(source.config)
     head = arch.head_of(source)
+    _check_representable(source, dtype, type(source).__name__)
     state_dict = source.state_dict()
     trunk, heads = _split(source, state_dict)
     config = to_blueprint_config(source.config, head=head, add_pooling_layer="pooler.dense.weight" in trunk)
@@ -801,10 +866,11 @@ def to_transformers(model_or_folder, *, architecture: str | None = None, dtype=N
     `architecture` ("gpt2", "bert", "llama", "mistral", "qwen2") picks the target; by default an encoder becomes
     BERT, a decoder with learned positions GPT-2, one with RoPE Llama (Mistral with a sliding window). Raises a
     ConversionError naming every switch the target cannot express."""
-    source = _load(model_or_folder, dtype=dtype)
+    source = _load(model_or_folder)
     config = source.config
     if not _is_blueprint_config(config):
         raise ConversionError(f"{type(source).__name__} is not a Blueprint model; use from_transformers().")
+    _check_representable(source, dtype, type(source).__name__)
     family, head = _blueprint_head(source)
     if architecture is not None and architecture not in ARCHITECTURES:
         raise ConversionError(f"architecture={architecture!r} is not supported; choose one of "
@@ -855,29 +921,121 @@ def _default_architecture(config, family: str) -> str:
     )
 
 
-def copy_tokenizer(source_folder, output_folder) -> list[str]:
-    """Copies the tokenizer files (and a sentence-transformers pipeline's own files) of `source_folder`."""
-    source_folder, output_folder = Path(source_folder), Path(output_folder)
-    copied = []
+def tokenizer_files(source_folder) -> list[str]:
+    """The tokenizer files of `source_folder` (and a sentence-transformers pipeline's own files and module folders),
+    as paths relative to it, each checked to stay inside it (see `hf_blueprint.paths.safe_join`): a `modules.json`
+    path that is absolute or steps out with `..`, and a link to a file outside the folder, are refused by name."""
+    source_folder = Path(source_folder)
+    found = []
     for name in TOKENIZER_FILES + SENTENCE_TRANSFORMERS_FILES:
-        if (source_folder / name).is_file():
-            shutil.copy2(source_folder / name, output_folder / name)
-            copied.append(name)
-    modules = source_folder / "modules.json"
-    if modules.is_file():  # sentence-transformers: pooling / normalize / dense modules live in subfolders
-        for module in json.loads(modules.read_text()):
-            path = module.get("path", "")
-            if path and (source_folder / path).is_dir():
-                shutil.copytree(source_folder / path, output_folder / path, dirs_exist_ok=True)
-                copied.append(path + "/")
-    return copied
+        path = source_folder / name
+        if path.is_file() or path.is_symlink():  # a link is checked (and refused if it leads out), not skipped
+            safe_join(source_folder, name, f"{source_folder} (tokenizer files)")
+            found.append(name)
+    modules_file = source_folder / "modules.json"
+    if "modules.json" in found:  # sentence-transformers: pooling / normalize / dense modules live in subfolders
+        try:
+            modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ConversionError(f"{modules_file} is not valid JSON ({error}).") from None
+        if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
+            raise ConversionError(f"{modules_file} must hold a list of module objects, as sentence-transformers "
+                                  f"writes it.")
+        for index, module in enumerate(modules):
+            path = module.get("path")
+            if path in ("", None):  # the model itself, at the top of the folder
+                continue
+            where = f"{modules_file}, module {index} 'path'"
+            if safe_join(source_folder, path, where).is_dir():
+                found += files_in_folder(source_folder, path, where)
+    return found
 
 
-def convert(source, output_dir, *, tokenizer=None, architecture: str | None = None, dtype=None) -> PreTrainedModel:
+def copy_tokenizer(source_folder, output_folder) -> list[str]:
+    """Copies the tokenizer files (and a sentence-transformers pipeline's own files) of `source_folder` into
+    `output_folder`, checked as `tokenizer_files` says; returns their paths relative to the folders."""
+    files = tokenizer_files(source_folder)
+    for relative in files:
+        copy_file(source_folder, relative, output_folder, f"{source_folder} (tokenizer files)")
+    return files
+
+
+def _check_output_folder(source, output_dir: Path, overwrite: bool):
+    """Refuses, before anything is loaded, an output folder that would overwrite what the user did not offer."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"The output {output_dir} exists and is not a folder.")
+    if overwrite:
+        return
+    hint = "pass --overwrite (overwrite=True) to write the converted model there anyway"
+    if isinstance(source, (str, os.PathLike)):
+        source_dir, output = Path(source).resolve(), output_dir.resolve()
+        if output == source_dir:
+            raise ConversionError(f"The output folder {output_dir} is the source folder: the converted model would "
+                                  f"replace the source; {hint}.")
+        if output.is_relative_to(source_dir):
+            raise ConversionError(f"The output folder {output_dir} is inside the source folder {source}; {hint}.")
+        if source_dir.is_relative_to(output):
+            raise ConversionError(f"The source folder {source} is inside the output folder {output_dir}; {hint}.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise FileExistsError(f"The output folder {output_dir} is not empty; {hint} (files of the same name and an "
+                              f"earlier model's weights are replaced, other files are kept).")
+
+
+def _publish(staging: Path, output_dir: Path):
+    """Moves the written model from `staging` into `output_dir`. A missing or empty output folder becomes it whole.
+    Into a folder the user let us overwrite, each file replaces the entry of its name (a link there is replaced,
+    never written through) and the weights files of an earlier model that the new one does not replace go."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    if not any(output_dir.iterdir()):
+        output_dir.rmdir()
+        os.replace(staging, output_dir)
+        return
+    for entry in output_dir.iterdir():
+        if WEIGHTS_FILE.fullmatch(entry.name) and not (staging / entry.name).exists() and not entry.is_dir():
+            entry.unlink()
+    for current, folders, files in os.walk(staging):
+        target = output_dir / Path(current).relative_to(staging)
+        for name in folders:
+            place = target / name
+            if place.is_symlink() or (place.exists() and not place.is_dir()):
+                place.unlink()
+            place.mkdir(exist_ok=True)
+        for name in files:
+            place = target / name
+            if place.is_dir() and not place.is_symlink():
+                raise FileExistsError(f"{place} is a folder; the converted model has a file of that name there.")
+            os.replace(Path(current) / name, place)  # replaces a link itself, not what it points to
+
+
+def convert(source, output_dir, *, tokenizer=None, architecture: str | None = None, dtype=None,
+            overwrite: bool = False) -> PreTrainedModel:
     """Converts `source` (a model object or folder; the direction follows its model_type) and saves the result in
     `output_dir` with the tokenizer: `tokenizer` (an object or a folder), else the source folder's tokenizer files.
-    Returns the converted model."""
-    model = _load(source, dtype=dtype)
+    Returns the converted model.
+
+    An output folder that is not empty, or that is (inside, or contains) the source folder, is refused unless
+    `overwrite=True`; then the files written replace those of the same name and an earlier model's weights files,
+    and other files stay. Everything is checked before any weight is loaded, and written next to the output folder
+    first, so that a failure leaves the output folder as it was."""
+    output_dir = Path(output_dir)
+    if not isinstance(source, PreTrainedModel):
+        check_model_folder(source)
+    tokenizer_folder = None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer_folder = Path(tokenizer)
+        if not tokenizer_folder.is_dir():
+            raise FileNotFoundError(f"The tokenizer folder {tokenizer_folder} does not exist.")
+    elif tokenizer is None and not isinstance(source, PreTrainedModel):
+        tokenizer_folder = Path(source)
+    files = tokenizer_files(tokenizer_folder) if tokenizer_folder is not None else []
+    if isinstance(tokenizer, (str, os.PathLike)) and not files:
+        raise FileNotFoundError(f"The tokenizer folder {tokenizer_folder} holds no tokenizer file (none of "
+                                f"{', '.join(TOKENIZER_FILES)}).")
+    _check_output_folder(source, output_dir, overwrite)
+
+    model = _load(source)
     if _is_blueprint_config(model.config):
         converted = to_transformers(model, architecture=architecture, dtype=dtype)
     else:
@@ -885,13 +1043,22 @@ def convert(source, output_dir, *, tokenizer=None, architecture: str | None = No
             raise ConversionError("`architecture` picks the target of a Blueprint -> transformers conversion; a "
                                   "transformers model converts to the Blueprint family of its own architecture.")
         converted = from_transformers(model, dtype=dtype)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    converted.save_pretrained(output_dir)
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        tokenizer.save_pretrained(output_dir)
-    elif tokenizer is not None or not isinstance(source, PreTrainedModel):
-        copy_tokenizer(tokenizer if tokenizer is not None else source, output_dir)
+
+    output_dir = output_dir.resolve()  # a link given as the output is where the user wants it: follow it once
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the output folder (same file system, so that moving it into place is a rename), with the permissions
+    # a new folder gets (tempfile.mkdtemp's would be owner-only).
+    staging = output_dir.parent / f".{output_dir.name}.converting-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        converted.save_pretrained(staging)
+        if tokenizer is not None and tokenizer_folder is None:
+            tokenizer.save_pretrained(staging)
+        for relative in files:
+            copy_file(tokenizer_folder, relative, staging, f"{tokenizer_folder} (tokenizer files)")
+        _publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return converted
 
 
@@ -905,19 +1072,25 @@ def main(argv: list[str] | None = None) -> int:
                "python -m hf_blueprint.convert ./blueprint-llama ./llama --architecture llama",
     )
     parser.add_argument("source", help="folder with config.json and the weights (transformers or Blueprint)")
-    parser.add_argument("output", help="folder to write the converted model, its config and the tokenizer to")
+    parser.add_argument("output", help="folder to write the converted model, its config and the tokenizer to (new or "
+                                       "empty, unless --overwrite)")
     parser.add_argument("--architecture", choices=sorted(ARCHITECTURES),
                         help="target of a Blueprint -> transformers conversion (default: bert for an encoder; gpt2, "
                              "llama or mistral for a decoder, from its positions and sliding window)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the written weights (default: the source's)")
+                        help="dtype of the written weights (default: the source's); weights the dtype cannot hold "
+                             "are refused, not turned into inf")
     parser.add_argument("--tokenizer", help="folder to copy the tokenizer from (default: the source folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an output folder that is not empty, or that is (inside, or holds) the "
+                             "source folder: files of the same name and an earlier model's weights are replaced, "
+                             "other files are kept")
     args = parser.parse_args(argv)
     try:
         model = convert(args.source, args.output, tokenizer=args.tokenizer, architecture=args.architecture,
-                        dtype=args.dtype)
-    except (ConversionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+                        dtype=args.dtype, overwrite=args.overwrite)
+    except (ConversionError, UnsafePathError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"wrote {type(model).__name__} ({model.num_parameters():,} parameters) to {args.output}")
     return 0

@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .paths import safe_join
+
 
 __all__ = [
     "AttentionData",
@@ -488,7 +490,7 @@ def load_trainer_state(source) -> dict:
         state = json.load(handle)
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise ValueError(f"{path} is not a Trainer state: it has no 'log_history' list.")
-    state.setdefault("_path", str(path))
+    state["_path"] = str(path)  # where it was read, whatever the file says
     return state
 
 
@@ -681,9 +683,10 @@ _CARD_HEADING = "## Training curves"
 
 def link_training_curves(folder: str | Path, image: str = TRAINING_CURVES_FILENAME) -> bool:
     """Appends a "Training curves" section that shows `image` (a path relative to the folder, as the Hub resolves
-    it) to the model card `README.md` in `folder`. Idempotent; returns whether the card links the image now."""
+    it) to the model card `README.md` in `folder`. Idempotent; returns whether the card links the image now. An
+    image outside the folder (absolute, `..`, a link out) is refused with an UnsafePathError."""
     card = Path(folder) / "README.md"
-    if not card.is_file() or not (Path(folder) / image).is_file():
+    if not card.is_file() or not safe_join(folder, image, "the training-curves picture").is_file():
         return False
     text = card.read_text(encoding="utf-8")
     if f"]({image})" in text:
