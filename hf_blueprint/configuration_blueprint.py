@@ -13,7 +13,7 @@ This file is also shipped as Hub remote code: it may import only torch, transfor
 """
 
 import math
-from typing import ClassVar, get_origin
+from typing import ClassVar, Literal, get_args, get_origin
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -22,11 +22,57 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned", "rope", "alibi", "none")
-NORM_TYPES = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("post", "pre")
-FFN_TYPES = ("mlp", "glu")
-CLASSIFIER_POOLINGS = ("first", "mean", "last", "max")
+# The choices of the string switches, declared as the fields' types (as transformers' own configs do).
+PositionEmbeddingType = Literal["sinusoidal", "learned", "rope", "alibi", "none"]
+NormType = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["post", "pre"]
+FFNType = Literal["mlp", "glu"]
+ClassifierPooling = Literal["first", "mean", "last", "max"]
+POSITION_EMBEDDING_TYPES = get_args(PositionEmbeddingType)
+NORM_TYPES = get_args(NormType)
+NORM_POSITIONS = get_args(NormPosition)
+FFN_TYPES = get_args(FFNType)
+CLASSIFIER_POOLINGS = get_args(ClassifierPooling)
+
+
+def _positive_int(value, optional=False) -> str | None:
+    if (value is None and optional) or (not isinstance(value, bool) and isinstance(value, int) and value >= 1):
+        return None
+    return "must be a positive integer"
+
+
+def _probability(value, optional=False) -> str | None:
+    if (value is None and optional) or (not isinstance(value, bool) and isinstance(value, (int, float))
+                                        and 0.0 <= value < 1.0):
+        return None
+    return "must be a probability in [0, 1)"
+
+
+def _finite_positive(value) -> str | None:
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf:
+        return None
+    return "must be a finite positive number"
+
+
+def _count(value) -> str | None:
+    if not isinstance(value, bool) and isinstance(value, int) and value >= 0:
+        return None
+    return "must be an integer >= 0 (0 disables token types)"
+
+
+# Every rule about one field alone, in one place; each returns what is wrong, or None. Rules across fields are in
+# `validate_architecture`.
+SINGLE_FIELD_RULES = {
+    **{field: _positive_int for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                          "intermediate_size", "max_position_embeddings")},
+    **{field: lambda value: _positive_int(value, optional=True)
+       for field in ("num_key_value_heads", "head_dim", "sliding_window")},
+    "type_vocab_size": _count,
+    **{field: _probability for field in ("hidden_dropout_prob", "attention_dropout", "activation_dropout",
+                                         "word_dropout_prob")},
+    "classifier_dropout": lambda value: _probability(value, optional=True),
+    **{field: _finite_positive for field in ("layer_norm_eps", "rope_theta", "initializer_range")},
+}
 
 
 def _known_activations() -> list[str]:
@@ -121,18 +167,18 @@ class BlueprintConfig(PretrainedConfig):
     max_position_embeddings: int = 512
     type_vocab_size: int = 0
 
-    position_embedding_type: str = "sinusoidal"
+    position_embedding_type: PositionEmbeddingType = "sinusoidal"
     rope_theta: float = 10000.0
 
     scale_embeddings: bool = True
     embedding_norm: bool = False
     tie_word_embeddings: bool = True
 
-    norm_type: str = "layernorm"
-    norm_position: str = "post"
+    norm_type: NormType = "layernorm"
+    norm_position: NormPosition = "post"
     layer_norm_eps: float = 1e-5
     norm_bias: bool = True
-    ffn_type: str = "mlp"
+    ffn_type: FFNType = "mlp"
     hidden_act: str = "relu"
     attention_bias: bool = False
     mlp_bias: bool = True
@@ -145,7 +191,7 @@ class BlueprintConfig(PretrainedConfig):
     classifier_dropout: float | None = None
     initializer_range: float = 0.02
 
-    classifier_pooling: str = "mean"
+    classifier_pooling: ClassifierPooling = "mean"
     add_pooling_layer: bool = False
 
     use_cache: bool = False
@@ -222,12 +268,7 @@ class BlueprintConfig(PretrainedConfig):
     @classmethod
     def _switch_defaults(cls) -> dict:
         """The fields the Blueprint configs declare (every architectural switch), with their class defaults."""
-        declared = set()
-        for klass in cls.__mro__:
-            if isinstance(klass, type) and issubclass(klass, BlueprintConfig):
-                declared |= {name for name, annotation in vars(klass).get("__annotations__", {}).items()
-                             if get_origin(annotation) is not ClassVar}  # class constants are never saved
-        return {name: field.default for name, field in cls.__dataclass_fields__.items() if name in declared}
+        return {name: field.default for name, field in cls._declared_fields().items()}
 
     @classmethod
     def _known_keys(cls) -> set:
@@ -257,57 +298,35 @@ class BlueprintConfig(PretrainedConfig):
 
     def _check_fields(self):
         name = type(self).__name__
-        positive_ints = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size", "max_position_embeddings"]
-        optional_positive_ints = ["num_key_value_heads", "head_dim", "sliding_window"]
-        for field in positive_ints + optional_positive_ints:
-            value = getattr(self, field)
-            if value is None and field in optional_positive_ints:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}.")
-        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) \
-                or self.type_vocab_size < 0:
-            raise ValueError(f"{name}.type_vocab_size must be an integer >= 0 (0 disables token types), "
-                             f"got {self.type_vocab_size!r}.")
+        for field, rule in SINGLE_FIELD_RULES.items():
+            problem = rule(getattr(self, field))
+            if problem:
+                raise ValueError(f"{name}.{field} {problem}, got {getattr(self, field)!r}.")
 
         pad = self.pad_token_id
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
             raise ValueError(f"{name}.pad_token_id must be None or an id in [0, vocab_size={self.vocab_size}), "
                              f"got {pad!r}.")
-
-        choices = {
-            "position_embedding_type": POSITION_EMBEDDING_TYPES,
-            "norm_type": NORM_TYPES,
-            "norm_position": NORM_POSITIONS,
-            "ffn_type": FFN_TYPES,
-            "classifier_pooling": CLASSIFIER_POOLINGS,
-        }
-        for field, allowed in choices.items():
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"{name}.{field}={value!r} is not supported; choose one of {list(allowed)}.")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in _known_activations():
             raise ValueError(f"{name}.hidden_act={self.hidden_act!r} is not an activation transformers knows; "
                              f"choose one of {_known_activations()}.")
-
-        for field in ["scale_embeddings", "embedding_norm", "tie_word_embeddings", "attention_bias", "mlp_bias",
-                      "norm_bias", "add_pooling_layer", "use_cache"]:
+        for field, declared in self._declared_fields().items():
             value = getattr(self, field)
-            if not isinstance(value, bool):
+            if get_origin(declared.type) is Literal and value not in get_args(declared.type):
+                raise ValueError(f"{name}.{field}={value!r} is not supported; choose one of "
+                                 f"{list(get_args(declared.type))}.")
+            if declared.type is bool and not isinstance(value, bool):
                 raise ValueError(f"{name}.{field} must be True or False, got {value!r}.")
 
-        for field in ["hidden_dropout_prob", "attention_dropout", "activation_dropout", "word_dropout_prob",
-                      "classifier_dropout"]:
-            value = getattr(self, field)
-            if value is None and field == "classifier_dropout":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}.{field} must be a probability in [0, 1), got {value!r}.")
-        for field in ["layer_norm_eps", "rope_theta", "initializer_range"]:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name}.{field} must be a finite positive number, got {value!r}.")
+    @classmethod
+    def _declared_fields(cls) -> dict:
+        """The dataclass fields the Blueprint configs declare (every architectural switch)."""
+        declared = set()
+        for klass in cls.__mro__:
+            if isinstance(klass, type) and issubclass(klass, BlueprintConfig):
+                declared |= {name for name, annotation in vars(klass).get("__annotations__", {}).items()
+                             if get_origin(annotation) is not ClassVar}  # class constants are never saved
+        return {name: field for name, field in cls.__dataclass_fields__.items() if name in declared}
 
     def validate_architecture(self):
         """Cross-field rules; also run by transformers' strict validation when the config is saved."""
@@ -359,7 +378,7 @@ class BlueprintDecoderConfig(BlueprintConfig):
     }
     keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
 
-    classifier_pooling: str = "last"
+    classifier_pooling: ClassifierPooling = "last"
     use_cache: bool = True
 
 

@@ -1,4 +1,4 @@
-"""The Blueprint Transformer, readable top to bottom.
+"""The Blueprint Transformer, readable top to bottom in the order of the paper's figure.
 
     token ids ──> token embedding (* sqrt(d_model)) + positional encoding ──> dropout
               ──> N x TransformerBlock:  x = x + Dropout(MultiHeadAttention(x)),  x = x + Dropout(FeedForward(x))
@@ -6,15 +6,16 @@
                                           sub-layer plus one final norm (Pre-LN)
               ──> head: linear + softmax over the vocabulary, or a classifier
 
-One trunk serves both families; `config.is_causal` is the only difference between the encoder (bidirectional
-attention) and the decoder (causal attention with a key/value cache).
+Sections: normalization, positional encodings, multi-head attention, feed-forward, the block, the trunk (embedding
+stage, blocks, final norm), the heads, and the paper's encoder-decoder. One trunk serves every family;
+`config.is_causal` is the only difference between the encoder (bidirectional attention) and the decoder (causal
+attention with a key/value cache), and the encoder-decoder's decoder adds cross-attention to its blocks.
 
-This file is also shipped as Hub remote code: it may import only torch, transformers and its sibling files.
+This file is architecture only. Input and generation checks live in `modeling_checks.py`, padding-free batches in
+`packing.py`. All three are shipped as Hub remote code: they may import only torch, transformers and each other.
 """
 
 import copy
-import functools
-import inspect
 import math
 from collections.abc import Callable
 
@@ -39,9 +40,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
-from transformers.utils import ModelOutput, TransformersKwargs, is_torchdynamo_compiling
-from transformers.utils.deprecation import deprecate_kwarg
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, is_torchdynamo_compiling
 
 from .configuration_blueprint import (
     BlueprintConfig,
@@ -49,6 +49,19 @@ from .configuration_blueprint import (
     BlueprintEncoderConfig,
     BlueprintSeq2SeqConfig,
 )
+from .modeling_checks import (
+    CheckedLoading,
+    GenerationChecks,
+    accepts_past_key_values,
+    check_attention_mask_keys,
+    check_inputs,
+    check_label_values,
+    check_positions,
+    has_targets,
+    reject_unknown_kwargs,
+    zero_loss,
+)
+from .packing import PackedSequences, find_packed_sequences, pool_segments
 
 try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
     from transformers.masking_utils import (
@@ -56,9 +69,9 @@ try:  # internal to transformers: signatures move between minor versions (GUIDE 
         create_bidirectional_mask,
         create_causal_mask,
         create_sliding_window_causal_mask,
-        find_packed_sequence_indices,
         packed_sequence_mask_function,
     )
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 except ImportError as error:  # pragma: no cover - depends on the installed transformers
     raise ImportError(
         "hf_blueprint needs transformers>=5.24,<6 (transformers.masking_utils with the `cache` argument); "
@@ -239,42 +252,6 @@ def bidirectional_window_overlay(sliding_window: int) -> Callable:
     return within_window
 
 
-def number_sequences_across_rows(sequence_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) sequence ids numbered from 0 in each row (`find_packed_sequences`) -> flat (batch * seq,) ids in
-    reading order: each row continues after the last sequence of the rows above it."""
-    sequences_per_row = sequence_ids[:, -1] + 1
-    row_offsets = sequences_per_row.cumsum(0) - sequences_per_row
-    return (sequence_ids + row_offsets[:, None]).reshape(-1)
-
-
-class PackedSequences:
-    """A padding-free row as attention sees it: its sequences gathered into a padded (sequences, longest) batch.
-
-    Over a packed row of T tokens, attention with a block-diagonal mask costs T^2 per head (with attention dropout
-    the T x T probabilities are materialized). Gathered per sequence it costs sequences x longest^2, what a padded
-    batch of the same sequences costs, while every other layer still runs on the T real tokens only. The gather and
-    the scatter back are index operations: the result is exactly that of the block-diagonal mask."""
-
-    def __init__(self, sequence_ids: torch.Tensor):
-        sequence_ids = number_sequences_across_rows(sequence_ids)
-        lengths = torch.bincount(sequence_ids)
-        starts = lengths.cumsum(0) - lengths
-        offsets = torch.arange(int(lengths.max()), device=sequence_ids.device)
-        self.is_token = offsets < lengths[:, None]  # (sequences, longest); False on this layout's own padding
-        self.token_index = (starts[:, None] + offsets).clamp(max=sequence_ids.numel() - 1)  # the token each slot reads
-        self.positions = offsets.expand_as(self.is_token)  # each token's place in its sequence (ALiBi distances)
-        self.attention_mask = None  # the padded layout's mask in the attention implementation's format (the model's)
-
-    def pad(self, states: torch.Tensor) -> torch.Tensor:
-        """(batch, heads, seq, head_dim) -> (sequences, heads, longest, head_dim)."""
-        tokens = states.transpose(1, 2).reshape(-1, *states.shape[1:2], states.shape[-1])
-        return tokens[self.token_index].transpose(1, 2)
-
-    def unpad(self, attention_output: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Attention output (sequences, longest, heads, head_dim) -> (batch, seq, heads, head_dim)."""
-        return attention_output[self.is_token].reshape(batch_size, -1, *attention_output.shape[2:])
-
-
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -310,9 +287,8 @@ class MultiHeadAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
-        output_attentions: bool = False,
         key_value_states: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
@@ -329,7 +305,7 @@ class MultiHeadAttention(nn.Module):
                 key, value = cache.update(key, value, self.layer_idx)
 
         implementation = self.config._attn_implementation
-        if output_attentions or implementation == "eager":
+        if kwargs.get("output_attentions", self.config.output_attentions) or implementation == "eager":
             # Only the eager path materializes the weights; it understands sdpa's masks too.
             attention_interface: Callable = eager_attention_forward
         else:
@@ -436,146 +412,41 @@ class TransformerBlock(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_bias: torch.Tensor | None = None,
         cache: Cache | None = None,
-        output_attentions: bool = False,
         encoder_attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
         # Both inputs that carry gradients come positionally: reentrant gradient checkpointing only propagates
         # gradients to positional tensors (GradientCheckpointingLayer).
-        attn_output, self_attn_weights = self.self_attn(
+        attn_output, _ = self.self_attn(
             self.sublayer_input(hidden_states, self.self_attn_norm),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
             position_bias=position_bias,
             cache=cache,
-            output_attentions=output_attentions,
             **kwargs,
         )
         hidden_states = self.add_residual(hidden_states, attn_output, self.self_attn_norm)
 
-        cross_attn_weights = None
         if self.cross_attn is not None:
-            attn_output, cross_attn_weights = self.cross_attn(
+            attn_output, _ = self.cross_attn(
                 self.sublayer_input(hidden_states, self.cross_attn_norm),
                 attention_mask=encoder_attention_mask,
                 cache=cache,
-                output_attentions=output_attentions,
                 key_value_states=encoder_hidden_states,
                 **kwargs,
             )
             hidden_states = self.add_residual(hidden_states, attn_output, self.cross_attn_norm)
 
         mlp_output = self.mlp(self.sublayer_input(hidden_states, self.mlp_norm))
-        hidden_states = self.add_residual(hidden_states, mlp_output, self.mlp_norm)
-        return hidden_states, self_attn_weights, cross_attn_weights
+        return self.add_residual(hidden_states, mlp_output, self.mlp_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pooling for sequence-level heads
+# The trunk shared by every family: embedding stage, N blocks, the final norm of Pre-LN
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, strategy: str) -> torch.Tensor:
-    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` real token ([CLS]), the `mean` of real tokens, the
-    `last` real token, or the element-wise `max` over real tokens. Real tokens come from the mask, so left and right
-    padding both work."""
-    if token_mask is None:
-        if strategy == "mean":
-            return hidden_states.mean(dim=1)
-        if strategy == "max":
-            return hidden_states.amax(dim=1)
-        return hidden_states[:, 0] if strategy == "first" else hidden_states[:, -1]
-    if strategy == "max":
-        is_real = token_mask.bool()
-        pooled = hidden_states.masked_fill(~is_real[..., None], torch.finfo(hidden_states.dtype).min).amax(dim=1)
-        return pooled.masked_fill(~is_real.any(dim=1, keepdim=True), 0.0)  # a row of pads pools to zeros, not -3e38
-    if strategy == "mean":
-        token_mask = token_mask.to(hidden_states.dtype)
-        summed = (hidden_states * token_mask[..., None]).sum(dim=1)
-        return summed / token_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-    is_real = token_mask.long()  # integer arithmetic: bf16 cannot count past 256
-    positions = torch.arange(is_real.shape[1], device=hidden_states.device)
-    if strategy == "first":  # the real token with the largest score (seq - position) is the first one
-        index = ((is_real.shape[1] - positions) * is_real).argmax(dim=-1)
-    else:
-        index = (positions * is_real).argmax(dim=-1)
-    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), index]
-
-
-def find_packed_sequences(
-    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch_size: int
-) -> torch.Tensor | None:
-    """Which packed sequence each token belongs to, (batch, seq) numbered from 0 in each row, or None for an ordinary
-    batch. A padding-free batch (transformers' DataCollatorWithFlattening) puts several sequences end to end in one
-    row with no attention mask; only its `position_ids`, restarting at 0 for each sequence, tell them apart."""
-    if position_ids is None or attention_mask is not None:
-        return None
-    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))
-
-
-def pool_segments(hidden_states: torch.Tensor, sequence_ids: torch.Tensor, strategy: str) -> torch.Tensor:
-    """`pool_sequence` for a padding-free batch: reduce (batch, seq, hidden), whose rows hold several sequences end to
-    end, to (number of sequences, hidden), one row per packed sequence in reading order (row by row, left to right).
-    `sequence_ids` (from `find_packed_sequences`) number the sequences of each row from 0. A packed row has no
-    padding, so every token of a sequence is real: `first`, `mean`, `last` and `max` pool exactly the tokens that
-    `pool_sequence` pools in the padded row of the same sequence."""
-    hidden_size = hidden_states.shape[-1]
-    tokens = hidden_states.reshape(-1, hidden_size)
-    sequence_ids = number_sequences_across_rows(sequence_ids)
-    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
-    starts[1:] = sequence_ids[1:] != sequence_ids[:-1]
-    if strategy == "first":
-        return tokens[starts]
-    if strategy == "last":  # a token is the last of its sequence when the next one starts a sequence (or it ends all)
-        return tokens[starts.roll(-1)]
-    num_sequences = int(sequence_ids[-1]) + 1
-    if strategy == "mean":
-        lengths = torch.bincount(sequence_ids, minlength=num_sequences).to(tokens.dtype)
-        return tokens.new_zeros(num_sequences, hidden_size).index_add(0, sequence_ids, tokens) / lengths[:, None]
-    by_sequence = sequence_ids[:, None].expand_as(tokens)
-    return tokens.new_zeros(num_sequences, hidden_size).scatter_reduce(
-        0, by_sequence, tokens, reduce="amax", include_self=False
-    )
-
-
-class Pooler(nn.Module):
-    """BERT's pooler: tanh(W pooled + b), producing `pooler_output`."""
-
-    def __init__(self, config: BlueprintConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.activation = nn.Tanh()
-        self.strategy = config.classifier_pooling
-
-    def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if sequence_ids is not None:  # a padding-free batch: one pooled row per packed sequence
-            return self.activation(self.dense(pool_segments(hidden_states, sequence_ids, self.strategy)))
-        return self.activation(self.dense(pool_sequence(hidden_states, token_mask, self.strategy)))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The trunk shared by both families
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _unreadable_weights(path) -> str:
-    """What to tell about a weights file safetensors could not read (remote code: no os/json imports here)."""
-    from transformers.modeling_utils import safe_open
-
-    single = f"{path}/model.safetensors"
-    try:
-        with safe_open(single, framework="pt") as f:
-            f.keys()
-    except FileNotFoundError:  # sharded, or not a local folder
-        return f"a .safetensors weights file of {str(path)!r} is truncated or corrupted (re-save or re-download it)"
-    except Exception:  # noqa: BLE001 - SafetensorError or OSError, depending on the damage
-        return f"{single} is truncated or corrupted (not a whole safetensors file)"
-    return f"a .safetensors shard of {str(path)!r} is truncated or corrupted (re-save or re-download it)"
-
-
-class BlueprintPreTrainedModel(PreTrainedModel):
+class BlueprintPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = BlueprintConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -585,6 +456,12 @@ class BlueprintPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # tests/test_compile.py: training step and static-cache generation, fullgraph
+    # What `output_hidden_states` / `output_attentions` collect (transformers' capture_outputs): each block's output,
+    # and the weights each self-attention returns.
+    _can_record_outputs = {
+        "hidden_states": TransformerBlock,
+        "attentions": OutputRecorder(MultiHeadAttention, index=1, layer_name="self_attn"),
+    }
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range
@@ -612,30 +489,6 @@ class BlueprintPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BlueprintForMaskedLM):
             init.zeros_(module.lm_head.bias)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, check_finite_weights: bool = True, **kwargs):
-        """transformers' from_pretrained, plus: a damaged weights file is named (safetensors' own error does not say
-        which file), and a checkpoint holding NaN/inf weights (saved from a diverged run) is refused;
-        `check_finite_weights=False` loads it anyway, to inspect it."""
-        try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":
-                raise
-            raise OSError(f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): "
-                          f"{_unreadable_weights(pretrained_model_name_or_path)} ({error}).") from error
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
-        if check_finite_weights:
-            bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
-                   and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
-            if bad:
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint holds "
-                    f"non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. {bad[:4]}; it was probably saved from "
-                    f"a run that diverged. Load an earlier checkpoint, or pass check_finite_weights=False to inspect it."
-                )
-        return loaded
-
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
         """transformers resizes the input embedding (the encoder's) and the output layer; an encoder-decoder with
         untied embeddings has a third matrix, the decoder's, which must grow with them."""
@@ -649,141 +502,24 @@ class BlueprintPreTrainedModel(PreTrainedModel):
                 )
         return embeddings
 
-    def _has_targets(self, logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> bool:
-        """Check that there is one label per token, and whether any is scored (not -100; after the shift of next-
-        token prediction). With none, heads return a loss of 0 (with a graph) instead of the NaN of an empty mean, so
-        a batch with nothing to predict neither poisons a running average nor the weights."""
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"{type(self).__name__}: `labels` has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}"
-                f" (one label per token; -100 marks tokens to ignore)."
-            )
-        self._check_label_values(labels, logits.shape[-1])
-        if is_torchdynamo_compiling():
-            return True
-        scored = labels[..., 1:] if shifted else labels
-        return bool((scored != -100).any())
-
-    def _check_label_values(self, labels: torch.Tensor, num_classes: int):
-        """Class-id labels are integers in [0, num_classes), or -100 where nothing is scored; anything else would fail
-        inside cross_entropy with an IndexError that names neither the argument nor the range."""
-        name = type(self).__name__
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"{name}: `labels` must be an integer tensor of class ids (-100 to ignore), got dtype "
-                             f"{labels.dtype}.")
-        if is_torchdynamo_compiling():
-            return
-        scored = labels[labels != -100]
-        if scored.numel():
-            low, high = torch.aminmax(scored)
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"{name}: `labels` must be -100 (ignored) or an id in [0, {num_classes}), found values "
-                                 f"from {int(low)} to {int(high)}.")
-
-    @staticmethod
-    def _zero_loss(logits: torch.Tensor) -> torch.Tensor:
-        return logits.sum() * 0.0 + 0.0  # connected to the graph, so backward() works; + 0.0 turns -0.0 into 0.0
-
-
-# Keywords transformers passes through a model's forward to its layers, attention implementation and loss.
-PASS_THROUGH_KWARGS = frozenset().union(
-    TransformersKwargs.__required_keys__, TransformersKwargs.__optional_keys__, FlashAttentionKwargs.__optional_keys__,
-    {"num_items_in_batch", "ignore_index", "shift_labels"},  # the loss functions' keywords
-)
-
-
-def reject_unknown_kwargs(forward: Callable) -> Callable:
-    """A forward takes its own arguments and transformers' pass-through keywords; anything else (a typo such as
-    `atention_mask=`, an argument of another model) is a TypeError naming it, as for a plain Python function, instead
-    of vanishing into **kwargs while the call runs without it."""
-    parameters = frozenset(inspect.signature(forward).parameters)
-
-    @functools.wraps(forward)
-    def checked_forward(self, *args, **kwargs):
-        for name in kwargs:
-            if name not in parameters and name not in PASS_THROUGH_KWARGS:
-                raise TypeError(f"{type(self).__name__}.forward() got an unexpected keyword argument {name!r}")
-        return forward(self, *args, **kwargs)
-
-    return checked_forward
-
-
-# transformers 5.x renamed the cache argument `past_key_values` -> `cache`; native models accept the old name (with a
-# FutureWarning) until 5.40, and so do the Blueprint forwards that take a cache.
-accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-
-
-class GenerationChecks:
-    """generate() arguments checked before any decoding step: a clear ValueError instead of a ZeroDivisionError from
-    num_beams=0, an IndexError from an empty prompt, or a position-table error after tokens were already decoded.
-    Listed before GenerationMixin in the heads' bases; overrides internal GenerationMixin hooks (transformers 5.24).
-
-    Also stores each head's `forward` signature: for custom-code models generate() calls inspect.signature(forward)
-    at every decoding step (looking for a `cache_position` argument), ~36 µs a token on a CPU; with
-    `__signature__` set, inspect returns it at once."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "forward" in cls.__dict__:
-            cls.forward.__signature__ = inspect.signature(cls.forward)
-
-    def _prepare_generation_config(self, generation_config, *args, **kwargs):
-        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, *args, **kwargs)
-        for field in ("num_beams", "num_return_sequences"):
-            value = getattr(generation_config, field, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"generate(): `{field}` must be a positive integer, got {value!r}.")
-        vocab_size = self.config.vocab_size
-        for field in ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id"):
-            value = getattr(generation_config, field, None)
-            ids = value.tolist() if isinstance(value, torch.Tensor) else value
-            ids = ids if isinstance(ids, (list, tuple)) else [ids]
-            if field == "eos_token_id":  # a negative id means "never stop" to transformers (it warns itself)
-                ids = [i for i in ids if i is None or int(i) >= 0]
-            if any(i is not None and not 0 <= int(i) < vocab_size for i in ids):
-                raise ValueError(f"generate(): `{field}`={value!r} lies outside the vocabulary [0, vocab_size="
-                                 f"{vocab_size}): the model can never produce it (a preset's ids with a smaller "
-                                 f"vocabulary?). Set model.generation_config.{field} to an id of this vocabulary.")
-        return generation_config, model_kwargs
-
-    def _prepare_model_inputs(self, *args, **kwargs):
-        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
-        if input_name == "input_ids" and inputs_tensor is not None and inputs_tensor.dim() == 2 \
-                and 0 in tuple(inputs_tensor.shape):
-            raise ValueError(f"generate(): the prompt `input_ids` has shape {tuple(inputs_tensor.shape)}; expected at "
-                             f"least one sequence of at least one token.")
-        return inputs_tensor, input_name, model_kwargs
-
-    def _prepare_generated_length(self, generation_config, has_default_max_length, has_default_min_length,
-                                  model_input_name, input_ids_length, inputs_tensor):
-        generation_config = super()._prepare_generated_length(
-            generation_config, has_default_max_length, has_default_min_length, model_input_name, input_ids_length,
-            inputs_tensor,
-        )
-        config = self.config
-        limit = config.max_position_embeddings
-        if config.position_embedding_type in ("sinusoidal", "learned") and generation_config.max_length > limit:
-            raise ValueError(
-                f"generate(): the prompt ({input_ids_length} tokens) plus up to "
-                f"{generation_config.max_length - input_ids_length} new tokens would reach position "
-                f"{generation_config.max_length - 1}, past max_position_embeddings={limit} of the "
-                f"'{config.position_embedding_type}' position table. Ask for at most "
-                f"{max(limit - input_ids_length, 0)} new tokens, or shorten the prompt."
-            )
-        return generation_config
-
 
 class BlueprintModel(BlueprintPreTrainedModel):
-    """Embeddings, positional encoding, the stack of blocks, and the final norm of Pre-LN.
+    """Embedding stage, the stack of blocks, and the final norm of Pre-LN.
 
     Causal or bidirectional comes from the config of the family (`config.is_causal`); the encoder-decoder builds
-    one stack of each kind explicitly, the decoder one with cross-attention and its own depth."""
+    one stack of each kind explicitly (its decoder is `BlueprintSeq2SeqDecoder`, whose blocks add cross-attention).
+
+    The embedding stage (token embedding, * sqrt(d_model), token types, positional encoding, word dropout, norm,
+    dropout) is `embed()` over the tables built first in `__init__`. Its tables sit on the trunk itself, not in an
+    embeddings sub-module: their checkpoint names (`embed_tokens`, `embed_positions`, ...) are those of every saved
+    folder and Hub repo, and a sub-module would prefix them."""
+
+    has_cross_attention = False
 
     def __init__(
         self,
         config: BlueprintConfig,
         is_causal: bool | None = None,
-        has_cross_attention: bool = False,
         num_layers: int | None = None,
         add_pooling_layer: bool | None = None,
     ):
@@ -796,7 +532,8 @@ class BlueprintModel(BlueprintPreTrainedModel):
             )
         super().__init__(config)
         self.is_causal = config.is_causal if is_causal is None else is_causal
-        self.has_cross_attention = has_cross_attention
+
+        # The embedding stage.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embedding_scale = math.sqrt(config.hidden_size) if config.scale_embeddings else 1.0
         self.token_type_embeddings = (
@@ -808,14 +545,15 @@ class BlueprintModel(BlueprintPreTrainedModel):
             self.embed_positions = SinusoidalPositionalEncoding(config.max_position_embeddings, config.hidden_size)
         elif position_type == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(config) if position_type == "rope" else None
-        self.alibi = AlibiPositionalBias(config.num_attention_heads) if position_type == "alibi" else None
         self.embedding_norm = build_norm(config) if config.embedding_norm else None
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # Positions that act inside attention instead.
+        self.rotary_emb = RotaryEmbedding(config) if position_type == "rope" else None
+        self.alibi = AlibiPositionalBias(config.num_attention_heads) if position_type == "alibi" else None
 
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         self.layers = nn.ModuleList(
-            TransformerBlock(config, i, self.is_causal, has_cross_attention) for i in range(num_layers)
+            TransformerBlock(config, i, self.is_causal, self.has_cross_attention) for i in range(num_layers)
         )
         self.norm = build_norm(config) if config.norm_position == "pre" else None
         add_pooling_layer = config.add_pooling_layer if add_pooling_layer is None else add_pooling_layer
@@ -831,6 +569,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
 
     @accepts_past_key_values
     @reject_unknown_kwargs
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -840,137 +579,56 @@ class BlueprintModel(BlueprintPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | BaseModelOutputWithPastAndCrossAttentions | tuple:
-        config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = config.return_dict if return_dict is None else return_dict
-        use_cache = self.is_causal and (config.use_cache if use_cache is None else use_cache)
-        if not self.is_causal and cache is not None:
-            raise ValueError(f"{type(self).__name__} attends bidirectionally and keeps no cache; got `cache`.")
-        if self.has_cross_attention and encoder_hidden_states is None:
-            raise ValueError(f"{type(self).__name__}: this decoder attends over an encoder; pass `encoder_hidden_states`.")
-
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | BaseModelOutputWithPastAndCrossAttentions:
+        check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cache,
+                     encoder_hidden_states)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        # Padding-free batches (transformers' DataCollatorWithFlattening) put several sequences in one row, told
-        # apart only by position_ids restarting at 0. They get a block-diagonal mask and no cache.
+        # A padding-free batch (several sequences in a row, position_ids restarting at 0) keeps no cache.
         packed_sequences = find_packed_sequences(position_ids, attention_mask, batch_size) if cache is None else None
-        use_cache = use_cache and packed_sequences is None
+        use_cache = self.is_causal and packed_sequences is None and (
+            self.config.use_cache if use_cache is None else use_cache
+        )
         if use_cache and cache is None:
-            decoder_config = config.get_text_config(decoder=True)  # sized for this stack's depth
-            cache = DynamicCache(config=decoder_config)
-            if self.has_cross_attention:
-                cache = EncoderDecoderCache(cache, DynamicCache())  # full layers: cross-attention sees every source key
+            cache = self.new_cache()
         past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
-            raise ValueError(
-                f"{type(self).__name__}: `attention_mask` covers {attention_mask.shape[1]} positions, expected "
-                f"past ({past_length}) + sequence ({seq_len}) = {past_length + seq_len}."
-            )
-        if attention_mask is not None and attention_mask.dim() == 4:
-            # The keys the mask must cover: what the cache returns (a sliding-window cache keeps only the window).
-            key_length = cache.get_mask_sizes(seq_len, 0)[0] if cache is not None else seq_len
-            if attention_mask.shape[0] not in (1, batch_size) or attention_mask.shape[1] not in (
-                1, config.num_attention_heads
-            ) or attention_mask.shape[2] != seq_len or (
-                not is_torchdynamo_compiling() and attention_mask.shape[3] < key_length
-            ):
-                raise ValueError(
-                    f"{type(self).__name__}: a 4D `attention_mask` must have shape (batch or 1, 1 or heads, "
-                    f"query={seq_len}, key>={key_length}), got {tuple(attention_mask.shape)}."
-                )
+        check_attention_mask_keys(self, attention_mask, cache, past_length, seq_len, batch_size)
         if position_ids is None:
-            position_ids = self._default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
-        self._check_positions(position_ids)
+            position_ids = self.default_position_ids(attention_mask, past_length, seq_len, inputs_embeds.device)
+        check_positions(self, position_ids)
 
         hidden_states = self.embed(inputs_embeds, token_type_ids, position_ids)
-        attention_mask_2d = attention_mask
-        if packed_sequences is not None and config._attn_implementation in ("sdpa", "eager") \
-                and not output_attentions and not is_torchdynamo_compiling():
-            # Attention per packed sequence (PackedSequences) instead of over the whole row with a block-diagonal
-            # mask; output_attentions keeps the row's (query, key) layout, torch.compile the static shapes of the mask.
-            attention_mask = PackedSequences(packed_sequences)
-            attention_mask.attention_mask = self._build_attention_mask(
-                hidden_states.new_empty(*attention_mask.is_token.shape, 0), attention_mask.is_token, None,
-                attention_mask.positions, None,
-            )
-        else:
-            attention_mask = self._build_attention_mask(hidden_states, attention_mask, cache, position_ids,
-                                                        packed_sequences)
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        self_attention_mask, position_bias = self.self_attention_inputs(
+            hidden_states, attention_mask, cache, position_ids, packed_sequences, output_attentions
+        )
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
-        position_bias = None
-        if self.alibi is not None and isinstance(attention_mask, PackedSequences):
-            position_bias = self.alibi(attention_mask.positions, attention_mask.positions, hidden_states.dtype)
-        elif self.alibi is not None:
-            position_bias = self._alibi_bias(cache, position_ids, hidden_states)
         if self.has_cross_attention:
             encoder_attention_mask = create_bidirectional_mask(
-                config=config,
+                config=self.config,
                 inputs_embeds=hidden_states,
                 attention_mask=encoder_attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
             )
 
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        all_cross_attentions = () if output_attentions and self.has_cross_attention else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights, cross_attn_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 encoder_hidden_states,
-                attention_mask=attention_mask,
+                attention_mask=self_attention_mask,
                 position_embeddings=position_embeddings,
                 position_bias=position_bias,
                 cache=cache,
-                output_attentions=output_attentions,
                 encoder_attention_mask=encoder_attention_mask,
                 **kwargs,
             )
-            if output_attentions:
-                all_attentions += (attn_weights,)
-            if all_cross_attentions is not None:
-                all_cross_attentions += (cross_attn_weights,)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        if self.has_cross_attention:
-            output = BaseModelOutputWithPastAndCrossAttentions(
-                last_hidden_state=hidden_states,
-                cache=cache if use_cache else None,
-                hidden_states=all_hidden_states,
-                attentions=all_attentions,
-                cross_attentions=all_cross_attentions,
-            )
-        elif self.is_causal:
-            output = BaseModelOutputWithPast(
-                last_hidden_state=hidden_states,
-                cache=cache if use_cache else None,
-                hidden_states=all_hidden_states,
-                attentions=all_attentions,
-            )
-        else:
-            pooler_mask = attention_mask_2d if attention_mask_2d is not None and attention_mask_2d.dim() == 2 else None
-            pooled = self.pooler(hidden_states, pooler_mask, packed_sequences) if self.pooler is not None else None
-            output = BaseModelOutputWithPooling(
-                last_hidden_state=hidden_states,
-                pooler_output=pooled,
-                hidden_states=all_hidden_states,
-                attentions=all_attentions,
-            )
-        return output if return_dict else output.to_tuple()
+        return self.output(hidden_states, cache if use_cache else None, attention_mask, packed_sequences)
 
     def embed(self, inputs_embeds, token_type_ids, position_ids) -> torch.Tensor:
         """Token embedding * sqrt(d_model) (+ token types) + positional encoding, then dropout."""
@@ -989,8 +647,11 @@ class BlueprintModel(BlueprintPreTrainedModel):
             hidden_states = self.embedding_norm(hidden_states)
         return self.dropout(hidden_states) if self.training else hidden_states
 
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.config.get_text_config(decoder=True))  # sized for this stack's depth
+
     @staticmethod
-    def _default_position_ids(attention_mask, past_length, seq_len, device) -> torch.LongTensor:
+    def default_position_ids(attention_mask, past_length, seq_len, device) -> torch.LongTensor:
         """Positions count real tokens only, so a left-padded sequence gets the same positions as unpadded."""
         if attention_mask is not None and attention_mask.dim() == 2:
             positions = attention_mask.long().cumsum(-1) - 1
@@ -999,7 +660,25 @@ class BlueprintModel(BlueprintPreTrainedModel):
         # torch.export / torch.compile cannot trace an arange whose bounds are data.
         return (torch.arange(seq_len, device=device) + past_length).unsqueeze(0)
 
-    def _build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
+    def self_attention_inputs(self, hidden_states, attention_mask, cache, position_ids, packed_sequences,
+                              output_attentions):
+        """The self-attention mask in the attention implementation's format (None when nothing is masked), and
+        ALiBi's distance bias (None without ALiBi)."""
+        if packed_sequences is not None and self.config._attn_implementation in ("sdpa", "eager") \
+                and not output_attentions and not is_torchdynamo_compiling():
+            # Attention per packed sequence (PackedSequences) instead of over the whole row with a block-diagonal
+            # mask; output_attentions keeps the row's (query, key) layout, torch.compile the static shapes of the mask.
+            packed = PackedSequences(packed_sequences)
+            packed.attention_mask = self.build_attention_mask(
+                hidden_states.new_empty(*packed.is_token.shape, 0), packed.is_token, None, packed.positions, None
+            )
+            bias = None if self.alibi is None else self.alibi(packed.positions, packed.positions, hidden_states.dtype)
+            return packed, bias
+        mask = self.build_attention_mask(hidden_states, attention_mask, cache, position_ids, packed_sequences)
+        bias = self.alibi_bias(cache, position_ids, hidden_states) if self.alibi is not None else None
+        return mask, bias
+
+    def build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
         """The mask in the format of the configured attention implementation; None when nothing is masked."""
         config = self.config
         if self.is_causal:
@@ -1024,7 +703,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
             and_mask_function=and_masks(*restrictions) if restrictions else None,
         )
 
-    def _alibi_bias(self, cache, position_ids, hidden_states) -> torch.Tensor:
+    def alibi_bias(self, cache, position_ids, hidden_states) -> torch.Tensor:
         implementation = self.config._attn_implementation
         if implementation not in ("eager", "sdpa"):
             raise ValueError(
@@ -1044,86 +723,17 @@ class BlueprintModel(BlueprintPreTrainedModel):
         key_positions = torch.arange(kv_length, device=device) + kv_offset
         return self.alibi(query_positions, key_positions, hidden_states.dtype)
 
-    # -- input checks: a clear error before any arithmetic, instead of an index error deep inside torch -----------
-
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids=None):
-        name = type(self).__name__
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(f"{name}: pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"{name}: `input_ids` must have shape (batch, sequence), got {tuple(input_ids.shape)}.")
-            if input_ids.dtype not in (torch.long, torch.int):
-                raise ValueError(f"{name}: `input_ids` must be an integer tensor of dtype torch.long (or torch.int), got "
-                                 f"dtype {input_ids.dtype}; convert it with .long().")
-        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
-                                          or not inputs_embeds.is_floating_point()):
-            raise ValueError(f"{name}: `inputs_embeds` must be a float tensor of shape (batch, sequence, hidden_size="
-                             f"{self.config.hidden_size}), got {tuple(inputs_embeds.shape)} of dtype {inputs_embeds.dtype}.")
-        shape = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
-        if shape[0] == 0 or shape[1] == 0:
-            raise ValueError(f"{name}: the inputs have shape {shape}; expected at least one sequence of at least one "
-                             f"token.")
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if attention_mask.shape[0] != shape[0]:
-                raise ValueError(
-                    f"{name}: `attention_mask` has shape {tuple(attention_mask.shape)} but the inputs have shape "
-                    f"{shape}; the batch sizes differ."
-                )
-        elif attention_mask is not None and attention_mask.dim() != 4:
-            raise ValueError(
-                f"{name}: `attention_mask` must be 2D (batch, sequence) or 4D (batch, 1, query, key), "
-                f"got shape {tuple(attention_mask.shape)}."
-            )
-        if token_type_ids is not None and tuple(token_type_ids.shape) != shape:
-            raise ValueError(f"{name}: `token_type_ids` has shape {tuple(token_type_ids.shape)}, expected {shape}.")
-        if position_ids is not None:
-            if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
-                raise ValueError(f"{name}: `position_ids` must be an integer tensor, got dtype {position_ids.dtype}.")
-            if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != shape[1] or (
-                position_ids.dim() == 2 and position_ids.shape[0] not in (1, shape[0])
-            ):
-                raise ValueError(f"{name}: `position_ids` must have shape (batch or 1, sequence={shape[1]}), got "
-                                 f"{tuple(position_ids.shape)}.")
-        if is_torchdynamo_compiling():  # the value checks below need a device sync
-            return
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool \
-                and attention_mask.numel() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            found = sorted({float(v) for v in attention_mask.unique()[:6].tolist()})
-            raise ValueError(
-                f"{name}: a 2D `attention_mask` holds 1 for tokens to attend to and 0 for padding, found values {found}. "
-                f"An additive mask (0 / -inf) or a 4D mask must be passed with shape (batch, 1, query, key)."
-            )
-        if input_ids is not None and input_ids.numel() > 0:
-            low, high = torch.aminmax(input_ids)
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"{name}: `input_ids` must lie in [0, vocab_size={self.config.vocab_size}), found values from "
-                    f"{int(low)} to {int(high)}. Is the tokenizer's vocabulary larger than the model's?"
-                )
-        if token_type_ids is not None and token_type_ids.numel() > 0:
-            low, high = torch.aminmax(token_type_ids)
-            if low < 0 or high >= self.config.type_vocab_size:
-                raise ValueError(
-                    f"{name}: `token_type_ids` must lie in [0, type_vocab_size={self.config.type_vocab_size}), "
-                    f"found values from {int(low)} to {int(high)}."
-                )
-
-    def _check_positions(self, position_ids):
-        if self.embed_positions is None or is_torchdynamo_compiling() or position_ids.numel() == 0:
-            return
-        limit = self.config.max_position_embeddings
-        if int(position_ids.min()) < 0:
-            raise ValueError(
-                f"{type(self).__name__}: `position_ids` must be >= 0 for the '{self.config.position_embedding_type}' "
-                f"position table, found {int(position_ids.min())}."
-            )
-        if int(position_ids.max()) >= limit:
-            raise ValueError(
-                f"{type(self).__name__}: position {int(position_ids.max())} is past max_position_embeddings={limit} "
-                f"of the '{self.config.position_embedding_type}' position table; truncate inputs to {limit} tokens "
-                f"or build the model with a larger max_position_embeddings."
-            )
+    def output(self, hidden_states, cache, attention_mask, packed_sequences) -> ModelOutput:
+        """The family's output class; capture_outputs adds the hidden states and attention weights asked for."""
+        if self.has_cross_attention:
+            return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+        if self.is_causal:
+            return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        pooled = None
+        if self.pooler is not None:
+            token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            pooled = self.pooler(hidden_states, token_mask, packed_sequences)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
 class BlueprintEncoderModel(BlueprintModel):
@@ -1159,6 +769,7 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, Generatio
 
     @accepts_past_key_values
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1170,43 +781,22 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, Generatio
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache=cache,
+                             use_cache=use_cache, return_dict=True, **kwargs)
         # Generation only needs the last position's logits: skip the vocabulary projection for the others.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
-            has_targets = self._has_targets(logits, labels, shifted=kwargs.get("shift_labels") is None)
+            scored = has_targets(self, logits, labels, shifted=kwargs.get("shift_labels") is None)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
-                if has_targets else self._zero_loss(logits)
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
+                if scored else zero_loss(logits)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class MaskedLMTransform(nn.Module):
@@ -1243,6 +833,7 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
         self.lm_head = new_embeddings
 
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1251,37 +842,66 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
+                             **kwargs)
         logits = self.lm_head(self.mlm_transform(outputs.last_hidden_state))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
-                if self._has_targets(logits, labels) else self._zero_loss(logits)
-        output = MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
+                if has_targets(self, logits, labels) else zero_loss(logits)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                              attentions=outputs.attentions)
+
+
+def pool_sequence(hidden_states: torch.Tensor, token_mask: torch.Tensor | None, strategy: str) -> torch.Tensor:
+    """Reduce (batch, seq, hidden) to (batch, hidden): the `first` real token ([CLS]), the `mean` of real tokens, the
+    `last` real token, or the element-wise `max` over real tokens. Real tokens come from the mask, so left and right
+    padding both work."""
+    if token_mask is None:
+        if strategy == "mean":
+            return hidden_states.mean(dim=1)
+        if strategy == "max":
+            return hidden_states.amax(dim=1)
+        return hidden_states[:, 0] if strategy == "first" else hidden_states[:, -1]
+    if strategy == "max":
+        is_real = token_mask.bool()
+        pooled = hidden_states.masked_fill(~is_real[..., None], torch.finfo(hidden_states.dtype).min).amax(dim=1)
+        return pooled.masked_fill(~is_real.any(dim=1, keepdim=True), 0.0)  # a row of pads pools to zeros, not -3e38
+    if strategy == "mean":
+        token_mask = token_mask.to(hidden_states.dtype)
+        summed = (hidden_states * token_mask[..., None]).sum(dim=1)
+        return summed / token_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+    is_real = token_mask.long()  # integer arithmetic: bf16 cannot count past 256
+    positions = torch.arange(is_real.shape[1], device=hidden_states.device)
+    if strategy == "first":  # the real token with the largest score (seq - position) is the first one
+        index = ((is_real.shape[1] - positions) * is_real).argmax(dim=-1)
+    else:
+        index = (positions * is_real).argmax(dim=-1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), index]
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(W pooled + b), producing `pooler_output`."""
+
+    def __init__(self, config: BlueprintConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+        self.strategy = config.classifier_pooling
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if sequence_ids is not None:  # a padding-free batch: one pooled row per packed sequence
+            return self.activation(self.dense(pool_segments(hidden_states, sequence_ids, self.strategy)))
+        return self.activation(self.dense(pool_sequence(hidden_states, token_mask, self.strategy)))
 
 
 class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
-    """Pools the sequence (`config.classifier_pooling`: first / mean / last real token / max over real tokens) and classifies it. With
-    `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT).
+    """Pools the sequence (`config.classifier_pooling`: first / mean / last real token / max over real tokens) and
+    classifies it. With `add_pooling_layer` the base model's dense+tanh pooler output is classified instead (BERT).
 
     A padding-free batch (several sequences end to end in a row, `position_ids` restarting at 0 for each, no
     `attention_mask`: `hf_blueprint.data.DataCollatorForPaddingFreeClassification`) gets one logits row per packed
@@ -1303,6 +923,7 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
 
     @accepts_past_key_values
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1313,26 +934,10 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        token_mask = self._token_mask(input_ids, attention_mask)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            cache=cache,
-            use_cache=bool(use_cache),  # a classifier keeps no cache unless asked to (the decoder's default is True)
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache=cache,
+                             use_cache=bool(use_cache), return_dict=True, **kwargs)  # no cache unless asked for
         hidden_states = outputs.last_hidden_state
         packed_sequences = find_packed_sequences(position_ids, attention_mask, hidden_states.shape[0])
         if getattr(outputs, "pooler_output", None) is not None:
@@ -1340,7 +945,8 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
         elif packed_sequences is not None:
             pooled = pool_segments(hidden_states, packed_sequences, self.config.classifier_pooling)
         else:
-            pooled = pool_sequence(hidden_states, token_mask, self.config.classifier_pooling)
+            pooled = pool_sequence(hidden_states, self.token_mask(input_ids, attention_mask),
+                                   self.config.classifier_pooling)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -1350,25 +956,23 @@ class BlueprintForSequenceClassification(BlueprintPreTrainedModel):
                           f"{logits.shape[0]} sequences")
                 raise ValueError(f"{type(self).__name__}: `labels` has {labels.shape[0]} rows for {layout}; expected "
                                  f"one label per sequence.")
-            if self._is_single_label(labels):
-                self._check_label_values(labels, self.num_labels)
+            if self.is_single_label(labels):
+                check_label_values(self, labels, self.num_labels)
                 if not is_torchdynamo_compiling() and not bool((labels != -100).any()):
-                    loss = self._zero_loss(logits)  # nothing to score: 0, not the NaN of an empty mean
+                    loss = zero_loss(logits)  # nothing to score: 0, not the NaN of an empty mean
             if loss is None:
                 loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        output = SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
 
-    def _is_single_label(self, labels: torch.Tensor) -> bool:
+    def is_single_label(self, labels: torch.Tensor) -> bool:
         """transformers' rule (ForSequenceClassification loss): integer labels over several classes are class ids."""
         problem_type = self.config.problem_type
         if problem_type is not None:
             return problem_type == "single_label_classification"
         return self.num_labels > 1 and labels.dtype in (torch.long, torch.int)
 
-    def _token_mask(self, input_ids, attention_mask) -> torch.Tensor | None:
+    def token_mask(self, input_ids, attention_mask) -> torch.Tensor | None:
         """Which positions hold real tokens: the 2D attention mask, else the non-pad ids (like GPT-2 and Llama)."""
         if attention_mask is not None and attention_mask.dim() == 2:
             return attention_mask
@@ -1395,6 +999,7 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
         self.post_init()
 
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1403,32 +1008,17 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
+                             **kwargs)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config) \
-                if self._has_targets(logits, labels) else self._zero_loss(logits)
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
+            loss = self.loss_function(logits, labels, self.config) if has_targets(self, logits, labels) \
+                else zero_loss(logits)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1445,6 +1035,25 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_s
     return shifted
 
 
+class BlueprintSeq2SeqDecoder(BlueprintModel):
+    """The encoder-decoder's decoder stack: each block attends causally to the target, then (cross-attention) to the
+    whole encoder output, then applies its feed-forward network."""
+
+    config_class = BlueprintSeq2SeqConfig
+    has_cross_attention = True
+    _can_record_outputs = {
+        **BlueprintModel._can_record_outputs,
+        "cross_attentions": OutputRecorder(MultiHeadAttention, index=1, layer_name="cross_attn"),
+    }
+
+    def __init__(self, config: BlueprintSeq2SeqConfig):
+        super().__init__(config, is_causal=True, num_layers=config.decoder_layers)
+
+    def new_cache(self) -> Cache:
+        # Cross-attention's layers are full ones whatever the decoder's window: it sees every source key.
+        return EncoderDecoderCache(super().new_cache(), DynamicCache())
+
+
 class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
     """Encoder (bidirectional) and decoder (causal, with cross-attention over the encoder output)."""
 
@@ -1454,9 +1063,7 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
     def __init__(self, config: BlueprintSeq2SeqConfig):
         super().__init__(config)
         self.encoder = BlueprintModel(config, is_causal=False)
-        self.decoder = BlueprintModel(
-            config, is_causal=True, has_cross_attention=True, num_layers=config.decoder_layers
-        )
+        self.decoder = BlueprintSeq2SeqDecoder(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -1470,11 +1077,12 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
     def get_encoder(self) -> BlueprintModel:
         return self.encoder
 
-    def get_decoder(self) -> BlueprintModel:
+    def get_decoder(self) -> BlueprintSeq2SeqDecoder:
         return self.decoder
 
     @accepts_past_key_values
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1487,21 +1095,14 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> Seq2SeqModelOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqModelOutput:
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=True,
-            )
+            # The encoder takes the output switches only: the other keywords (flash-attention's packed lengths, say)
+            # describe the decoder's sequence.
+            switches = {name: kwargs[name] for name in ("output_attentions", "output_hidden_states") if name in kwargs}
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, return_dict=True, **switches)
         elif not isinstance(encoder_outputs, ModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         decoder_outputs = self.decoder(
@@ -1511,14 +1112,12 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
             inputs_embeds=decoder_inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
             encoder_hidden_states=encoder_outputs.last_hidden_state,
             encoder_attention_mask=attention_mask,
+            return_dict=True,
             **kwargs,
         )
-        output = Seq2SeqModelOutput(
+        return Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             cache=decoder_outputs.cache,
             decoder_hidden_states=decoder_outputs.hidden_states,
@@ -1528,7 +1127,6 @@ class BlueprintSeq2SeqModel(BlueprintPreTrainedModel):
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChecks, GenerationMixin):
@@ -1558,7 +1156,7 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
     def get_encoder(self) -> BlueprintModel:
         return self.model.encoder
 
-    def get_decoder(self) -> BlueprintModel:
+    def get_decoder(self) -> BlueprintSeq2SeqDecoder:
         return self.model.decoder
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -1581,9 +1179,9 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by DataCollatorForSeq2Seq to build `decoder_input_ids` in the collator."""
-        return shift_tokens_right(labels, self.config.pad_token_id, self._decoder_start_token_id())
+        return shift_tokens_right(labels, self.config.pad_token_id, self.decoder_start_token_id())
 
-    def _decoder_start_token_id(self) -> int:
+    def decoder_start_token_id(self) -> int:
         start = self.config.decoder_start_token_id
         if start is None:
             start = self.config.bos_token_id
@@ -1596,6 +1194,7 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
 
     @accepts_past_key_values
     @reject_unknown_kwargs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1609,14 +1208,10 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> Seq2SeqLMOutput | tuple:
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqLMOutput:
         if labels is not None:
-            self._check_label_values(labels, self.config.vocab_size)  # before the shift turns them into inputs
+            check_label_values(self, labels, self.config.vocab_size)  # before the shift turns them into inputs
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         outputs = self.model(
@@ -1630,8 +1225,6 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
             inputs_embeds=inputs_embeds,
             decoder_inputs_embeds=decoder_inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
             **kwargs,
         )
@@ -1639,13 +1232,13 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
         loss = None
         if labels is not None:
             # Labels are already aligned with the decoder outputs (the shift happened on the input side).
-            if self._has_targets(logits, labels):
+            if has_targets(self, logits, labels):
                 loss = nn.functional.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
                 )
             else:
-                loss = self._zero_loss(logits)
-        output = Seq2SeqLMOutput(
+                loss = zero_loss(logits)
+        return Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
@@ -1656,11 +1249,10 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
             encoder_hidden_states=outputs.encoder_hidden_states,
             encoder_attentions=outputs.encoder_attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The two families: the same classes bound to their config and trunk
+# The families: the same classes bound to their config and trunk
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ def test_every_saved_folder_carries_the_code_and_a_complete_auto_map(saved_folde
         saved = json.loads((folder / "config.json").read_text())
         family = folder.name.split("-")[0]
         assert set(saved["auto_map"]) == expected_maps[family], folder.name
-        assert (folder / "modeling_blueprint.py").is_file() and (folder / "configuration_blueprint.py").is_file()
+        assert {path.name for path in folder.glob("*.py")} == REMOTE_CODE_FILES, folder.name
         assert (folder / "model.safetensors").is_file() and not (folder / "pytorch_model.bin").exists()
 
 
@@ -154,7 +154,12 @@ FORBIDDEN_MODULES = {"os", "subprocess", "socket", "urllib", "requests", "httpx"
                      "huggingface_hub", "importlib", "ctypes"}
 
 
-@pytest.mark.parametrize("filename", ["configuration_blueprint.py", "modeling_blueprint.py", "presets.py"])
+# The code every saved folder carries: the config and model files and the siblings they import.
+REMOTE_CODE_FILES = {"configuration_blueprint.py", "modeling_blueprint.py", "modeling_checks.py", "packing.py",
+                     "presets.py"}
+
+
+@pytest.mark.parametrize("filename", sorted(REMOTE_CODE_FILES))
 def test_remote_code_files_import_only_torch_transformers_and_siblings(filename, saved_folders):
     """The files a Hub user executes with trust_remote_code: no network, subprocess, eval/exec or file writes."""
     folder = Path(saved_folders[0]["folder"])
