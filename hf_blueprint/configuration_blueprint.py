@@ -24,7 +24,7 @@ logger = logging.get_logger(__name__)
 
 # The choices of the string switches, declared as the fields' types (as transformers' own configs do).
 PositionEmbeddingType = Literal["sinusoidal", "learned", "rope", "alibi", "none"]
-NormType = Literal["layernorm", "rmsnorm"]
+NormType = Literal["layernorm", "rmsnorm", "none"]
 NormPosition = Literal["post", "pre"]
 FFNType = Literal["mlp", "glu"]
 ClassifierPooling = Literal["first", "mean", "last", "max"]
@@ -114,7 +114,8 @@ class BlueprintConfig(PretrainedConfig):
         tie_word_embeddings: share the token embedding matrix with the output projection (the paper).
 
     Blocks:
-        norm_type: `"layernorm"` (the paper, BERT, GPT-2) or `"rmsnorm"` (T5, Llama).
+        norm_type: `"layernorm"` (the paper, BERT, GPT-2) or `"rmsnorm"` (T5, Llama); `"none"` is a research switch
+            (below).
         norm_position: `"post"` normalizes after each residual addition (the paper, BERT); `"pre"` normalizes each
             sub-layer's input and adds a final norm after the last block (GPT-2, Llama).
         layer_norm_eps: epsilon of every normalization layer (also readable as `rms_norm_eps`).
@@ -139,6 +140,12 @@ class BlueprintConfig(PretrainedConfig):
         classifier_dropout: dropout before classification heads; `None` uses `hidden_dropout_prob`.
         initializer_range: std of the normal init of linear layers (and of embeddings when they are not scaled;
             scaled embeddings use hidden_size**-0.5 so that the scaled vectors have unit variance).
+
+    Research switches (they exist to measure the blueprint's claims: no production model turns them off):
+        residual_connections: `False` drops the identity path around every sub-layer (x_{l+1} = Sublayer(x_l)
+            instead of x_l + Sublayer(x_l)), the ablation of "residual connections stabilize and speed up training".
+        norm_type `"none"`: every normalization (the blocks', Pre-LN's final one, the embedding and masked-LM ones)
+            is the identity, the ablation of "layer normalization speeds up training".
 
     Heads:
         classifier_pooling: how sequence classification reduces the sequence: `"first"` token ([CLS], BERT),
@@ -183,6 +190,7 @@ class BlueprintConfig(PretrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = True
     sliding_window: int | None = None
+    residual_connections: bool = True
 
     hidden_dropout_prob: float = 0.1
     attention_dropout: float = 0.0

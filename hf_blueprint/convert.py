@@ -881,6 +881,8 @@ def to_transformers(model_or_folder, *, architecture: str | None = None, dtype=N
                               f"{arch.family} architecture.")
     native_class = arch.native_class(head)
     problems = arch.problems(config, head)
+    if not config.residual_connections:
+        problems.append("residual_connections=False (every native architecture adds each sub-layer to its input)")
     if problems:
         raise ConversionError(f"{native_class.__name__} cannot express this {type(source).__name__}: "
                               f"{'; '.join(problems)}.")

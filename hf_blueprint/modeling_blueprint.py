@@ -106,6 +106,8 @@ class RMSNorm(nn.Module):
 def build_norm(config: BlueprintConfig) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    if config.norm_type == "none":  # a research switch: the ablation of normalization
+        return nn.Identity()
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
 
 
@@ -387,6 +389,7 @@ class TransformerBlock(GradientCheckpointingLayer):
     def __init__(self, config: BlueprintConfig, layer_idx: int, is_causal: bool, has_cross_attention: bool = False):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
+        self.residual = config.residual_connections
         self.self_attn = MultiHeadAttention(config, layer_idx, is_causal)
         self.self_attn_norm = build_norm(config)
         self.cross_attn = MultiHeadAttention(config, layer_idx, is_causal, True) if has_cross_attention else None
@@ -401,7 +404,7 @@ class TransformerBlock(GradientCheckpointingLayer):
     def add_residual(self, residual: torch.Tensor, sublayer_output: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         if self.training:  # the identity in eval (skipped: a decoding step would pay two module calls per block)
             sublayer_output = self.dropout(sublayer_output)
-        hidden_states = residual + sublayer_output
+        hidden_states = residual + sublayer_output if self.residual else sublayer_output
         return hidden_states if self.pre_norm else norm(hidden_states)
 
     def forward(

@@ -502,6 +502,11 @@ REFUSALS = {
     "mean-pooling-to-bert": (lambda: lambda: to_transformers(blueprint(
         "BlueprintEncoderForSequenceClassification", "bert-tiny", add_pooling_layer=False, num_labels=2)),
         "add_pooling_layer=False"),
+    "no-residuals-to-llama": (lambda: lambda: to_transformers(blueprint("BlueprintDecoderForCausalLM", "llama-135m",
+                                                                       residual_connections=False)),
+                              "residual_connections=False"),
+    "no-norm-to-gpt2": (lambda: lambda: to_transformers(blueprint("BlueprintDecoderForCausalLM", "gpt2",
+                                                                  norm_type="none")), "norm_type='none'"),
     "qwen2-nonzero-o-bias": (_nonzero_o_proj_bias, "o_proj.bias is not zero, but Qwen2 has no o_proj bias"),
     "gpt2-nonzero-score-bias": (_nonzero_score_bias, "score.bias is not zero, but GPT2ForSequenceClassification"),
     "llama-rope-scaling": (lambda: lambda: from_transformers(transformers.LlamaForCausalLM(transformers.LlamaConfig(

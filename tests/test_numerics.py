@@ -533,6 +533,39 @@ def test_block_matches_reference(norm_position):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_block_without_residual_connections_matches_reference(norm_position):
+    # The research switch drops the identity path: Post-LN h = N1(Attn(x)), y = N2(FFN(h)); Pre-LN h = Attn(N1(x)),
+    # y = FFN(N2(h)).
+    model = tiny_model("BlueprintEncoderModel", position_embedding_type="none", norm_position=norm_position,
+                       residual_connections=False)
+    block = model.layers[0]
+    first, second = block.self_attn_norm, block.mlp_norm
+    with torch.no_grad():
+        x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+        attn = lambda h: block.self_attn(h)[0]  # noqa: E731
+        if norm_position == "post":
+            expected = second(block.mlp(first(attn(x))))
+        else:
+            expected = block.mlp(second(attn(first(x))))
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_norm_type_none_makes_every_norm_the_identity(norm_position):
+    model = tiny_model("BlueprintEncoderForMaskedLM", norm_type="none", norm_position=norm_position,
+                       embedding_norm=True)
+    assert not [name for name, _ in model.named_parameters() if "norm" in name]
+    ids = random_ids(2, 6, seed=4)
+    with torch.no_grad():
+        outputs = model(ids, output_hidden_states=True)
+        last_block = model.model.layers[-1]
+    # No final norm in Pre-LN, no norm after the last residual add in Post-LN: the trunk's output is the last
+    # block's sum, which (hidden_states[-2] feeding it) the block computes without any normalization.
+    block_output = last_block(outputs.hidden_states[-2])
+    torch.testing.assert_close(outputs.hidden_states[-1], block_output, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("ffn_type,act", [("mlp", "relu"), ("mlp", "gelu"), ("glu", "silu"), ("glu", "gelu")])
 def test_feed_forward_matches_reference(ffn_type, act):
     model = tiny_model("BlueprintDecoderModel", ffn_type=ffn_type, hidden_act=act)
