@@ -61,6 +61,7 @@ from .modeling_checks import (
     reject_unknown_kwargs,
     zero_loss,
 )
+from .losses import causal_lm_loss, linear_cross_entropy, logits_are_computed
 from .packing import PackedSequences, find_packed_sequences, pool_segments
 
 try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
@@ -784,18 +785,25 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, Generatio
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache=cache,
                              use_cache=use_cache, return_dict=True, **kwargs)
         # Generation only needs the last position's logits: skip the vocabulary projection for the others.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
-        loss = None
+        hidden_states = outputs.last_hidden_state[:, keep, :]
+        loss = logits = None
         if labels is not None:
-            scored = has_targets(self, logits, labels, shifted=kwargs.get("shift_labels") is None)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
-                if scored else zero_loss(logits)
+            scores_shape = (*hidden_states.shape[:-1], self.config.vocab_size)
+            scored = has_targets(self, labels, scores_shape, shifted=kwargs.get("shift_labels") is None)
+        if not logits_are_computed(self, labels, return_logits):  # a training step: the loss, block by block
+            loss = causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          **kwargs) if scored else zero_loss(logits)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -845,15 +853,26 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        return_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True,
                              **kwargs)
-        logits = self.lm_head(self.mlm_transform(outputs.last_hidden_state))
-        loss = None
+        hidden_states = outputs.last_hidden_state
+        loss = logits = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) \
-                if has_targets(self, logits, labels) else zero_loss(logits)
+            scored = has_targets(self, labels, (*hidden_states.shape[:-1], self.config.vocab_size))
+        if not logits_are_computed(self, labels, return_logits):
+            # A training step: only the masked tokens go through the transform and the vocabulary projection.
+            is_masked = labels != kwargs.get("ignore_index", -100)
+            loss = linear_cross_entropy(self.mlm_transform(hidden_states[is_masked]), self.lm_head.weight,
+                                        self.lm_head.bias, labels[is_masked],
+                                        num_items_in_batch=kwargs.get("num_items_in_batch"))
+        else:
+            logits = self.lm_head(self.mlm_transform(hidden_states))
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          **kwargs) if scored else zero_loss(logits)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                               attentions=outputs.attentions)
 
@@ -1018,7 +1037,7 @@ class BlueprintForTokenClassification(BlueprintPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config) if has_targets(self, logits, labels) \
+            loss = self.loss_function(logits, labels, self.config) if has_targets(self, labels, logits.shape) \
                 else zero_loss(logits)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                      attentions=outputs.attentions)
@@ -1211,6 +1230,7 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        return_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> Seq2SeqLMOutput:
         if labels is not None:
@@ -1231,15 +1251,20 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
+        hidden_states = outputs.last_hidden_state
+        loss = logits = None
+        # Labels are already aligned with the decoder outputs (the shift happened on the input side).
         if labels is not None:
-            # Labels are already aligned with the decoder outputs (the shift happened on the input side).
-            if has_targets(self, logits, labels):
+            scored = has_targets(self, labels, (*hidden_states.shape[:-1], self.config.vocab_size))
+        if not logits_are_computed(self, labels, return_logits):  # a training step: the loss, block by block
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, self.lm_head.bias, labels)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None and scored:
                 loss = nn.functional.cross_entropy(
                     logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
                 )
-            else:
+            elif labels is not None:
                 loss = zero_loss(logits)
         return Seq2SeqLMOutput(
             loss=loss,

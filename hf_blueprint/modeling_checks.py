@@ -200,16 +200,17 @@ def check_label_values(model, labels: torch.Tensor, num_classes: int):
                              f"from {int(low)} to {int(high)}.")
 
 
-def has_targets(model, logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> bool:
-    """Check that there is one label per token, and whether any is scored (not -100; after the shift of next-token
-    prediction). With none, heads return `zero_loss` instead of the NaN of an empty mean, so a batch with nothing to
-    predict neither poisons a running average nor the weights."""
-    if labels.shape != logits.shape[:-1]:
+def has_targets(model, labels: torch.Tensor, scores_shape: tuple, shifted: bool = False) -> bool:
+    """Check that there is one label per token of the (..., classes) scores (the logits, whether computed or not),
+    and whether any is scored (not -100; after the shift of next-token prediction). With none, heads return
+    `zero_loss` instead of the NaN of an empty mean, so a batch with nothing to predict neither poisons a running
+    average nor the weights."""
+    if tuple(labels.shape) != tuple(scores_shape[:-1]):
         raise ValueError(
-            f"{type(model).__name__}: `labels` has shape {tuple(labels.shape)}, expected {tuple(logits.shape[:-1])}"
+            f"{type(model).__name__}: `labels` has shape {tuple(labels.shape)}, expected {tuple(scores_shape[:-1])}"
             f" (one label per token; -100 marks tokens to ignore)."
         )
-    check_label_values(model, labels, logits.shape[-1])
+    check_label_values(model, labels, scores_shape[-1])
     if is_torchdynamo_compiling():
         return True
     scored = labels[..., 1:] if shifted else labels

@@ -21,12 +21,13 @@ def test_model_declares_fullgraph_compilation():
 def test_compiled_training_step_matches_eager():
     model = tiny_decoder()
     input_ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(1))
-    eager = model(input_ids, labels=input_ids, use_cache=False)
+    # return_logits: a training step with labels otherwise takes the blockwise loss and returns no logits.
+    eager = model(input_ids, labels=input_ids, use_cache=False, return_logits=True)
     eager.loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    compiled = torch.compile(model, fullgraph=True)(input_ids, labels=input_ids, use_cache=False)
+    compiled = torch.compile(model, fullgraph=True)(input_ids, labels=input_ids, use_cache=False, return_logits=True)
     compiled.loss.backward()
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-5, rtol=1e-5)
     for compiled_grad, eager_grad in zip((p.grad for p in model.parameters()), eager_grads):

@@ -741,7 +741,17 @@ def test_fuzzed_generate_arguments_work_or_are_refused(drawn):
     assert out.shape[0] == expected_rows
     start = length if family == "decoder" else 1
     assert start < out.shape[1] <= start + call["max_new_tokens"]
-    assert out.min() >= 0 and out.max() < vocab
+    # Each row begins with its own prompt (a decoder) or the decoder start token (an encoder-decoder), and once a row
+    # has produced the end-of-sequence token it only pads.
+    if family == "decoder":
+        prefix = ids.repeat_interleave(call.get("num_return_sequences", 1), dim=0)
+    else:
+        prefix = torch.full((expected_rows, 1), model.config.decoder_start_token_id)
+    assert torch.equal(out[:, :start], prefix), (drawn, out)
+    for row in out[:, start:].tolist():
+        if GEN_CONFIG["eos_token_id"] in row:
+            after = row[row.index(GEN_CONFIG["eos_token_id"]) + 1:]
+            assert all(token == GEN_CONFIG["pad_token_id"] for token in after), (drawn, row)
     COUNTS["generate calls (ran)"] += 1
 
 
@@ -823,7 +833,7 @@ def test_half_precision_long_sequence_with_padded_rows_stays_finite(family, posi
     ids[1] = 0
     mask[2, : LONG // 2] = 0  # half padding (left for the decoder, where it belongs; the encoder does not care)
     labels = ids.masked_fill(mask == 0, -100)
-    output = model(ids, attention_mask=mask, labels=labels)
+    output = model(ids, attention_mask=mask, labels=labels, return_logits=True)
     assert torch.isfinite(output.logits).all()
     assert torch.isfinite(output.loss)
     output.loss.backward()
