@@ -157,6 +157,13 @@ class BlueprintConfig(PretrainedConfig):
 
     is_causal: ClassVar[bool] = False
 
+    # Pipeline parallelism: the stages a pipeline engine may cut the trunk into.
+    base_model_pp_plan: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
     attribute_map: ClassVar[dict[str, str]] = {
         "rms_norm_eps": "layer_norm_eps",
         "d_model": "hidden_size",
@@ -226,6 +233,24 @@ class BlueprintConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate_architecture()
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun, vLLM): each attention head and
+        each feed-forward column lives on one rank. The input projections split their outputs (colwise), the output
+        projections their inputs (rowwise, then an all-reduce); transformers adds the vocabulary split of
+        `embed_tokens`. Norms, positional encodings and the classifiers are replicated, and ALiBi's per-head slopes
+        follow their heads (MultiHeadAttention takes its rank's share of the bias). Only the modules this config
+        builds are named."""
+        attentions = ["self_attn", "cross_attn"] if self.is_encoder_decoder else ["self_attn"]
+        plan = {}
+        for attention in attentions:
+            plan.update({f"layers.*.{attention}.{name}": "colwise" for name in ("q_proj", "k_proj", "v_proj")})
+            plan[f"layers.*.{attention}.o_proj"] = "rowwise"
+        feed_forward = ["gate_proj", "up_proj"] if self.ffn_type == "glu" else ["up_proj"]
+        plan.update({f"layers.*.mlp.{name}": "colwise" for name in feed_forward})
+        plan["layers.*.mlp.down_proj"] = "rowwise"
+        return plan
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BlueprintConfig":

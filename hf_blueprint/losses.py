@@ -61,8 +61,10 @@ def logits_are_computed(model, labels, return_logits: bool | None) -> bool:
     `linear_cross_entropy` and returns no logits, unless `return_logits=True`; evaluation (the Trainer's metrics read
     the logits) and a forward without labels compute them, as `return_logits=True` does. The logits are also
     computed where the blockwise loss cannot run: under torch.compile (its token selection has a data-dependent
-    shape) and with DeepSpeed ZeRO-3 (the output layer's weight is gathered only inside its own forward)."""
-    if labels is None or return_logits or is_torchdynamo_compiling() or is_deepspeed_zero3_enabled():
+    shape), and where the output layer's weight is sharded and gathered only inside its own forward (DeepSpeed ZeRO-3,
+    tensor parallelism)."""
+    sharded = hasattr(model.get_output_embeddings().weight, "device_mesh")  # a DTensor: its forward gathers it
+    if labels is None or return_logits or is_torchdynamo_compiling() or is_deepspeed_zero3_enabled() or sharded:
         return True
     return False if return_logits is False else not model.training
 

@@ -57,6 +57,7 @@ from .modeling_checks import (
     check_inputs,
     check_label_values,
     check_positions,
+    check_tensor_parallel,
     has_targets,
     reject_unknown_kwargs,
     zero_loss,
@@ -314,6 +315,8 @@ class MultiHeadAttention(nn.Module):
         else:
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
+        if position_bias is not None and position_bias.shape[1] != query.shape[1]:
+            position_bias = self.heads_of_this_rank(position_bias, query.shape[1])
         packed = attention_mask if isinstance(attention_mask, PackedSequences) else None
         if packed is not None:  # a padding-free row: each sequence attends within itself, gathered into a padded batch
             query, key, value = packed.pad(query), packed.pad(key), packed.pad(value)
@@ -334,6 +337,17 @@ class MultiHeadAttention(nn.Module):
             attn_output = packed.unpad(attn_output, input_shape[0])
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
+
+    def heads_of_this_rank(self, position_bias: torch.Tensor, local_heads: int) -> torch.Tensor:
+        """Under tensor parallelism each rank holds a contiguous block of heads (q_proj split by output columns):
+        ALiBi's per-head bias, built for every head, is cut to this rank's block."""
+        weight = self.q_proj.weight
+        mesh = getattr(weight, "device_mesh", None)
+        if mesh is None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        else:
+            rank = mesh.get_local_rank("tp" if mesh.mesh_dim_names and "tp" in mesh.mesh_dim_names else None)
+        return position_bias[:, rank * local_heads:(rank + 1) * local_heads]
 
     def _cross_attention_key_value(self, encoder_states, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the encoder output: projected once, then read from the cache at every decoding step."""
@@ -450,6 +464,11 @@ class TransformerBlock(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _names_module(rule: list[str], name: list[str]) -> bool:
+    """Whether a parallel-plan rule ("layers.*.mlp.up_proj", split on dots) names the module `name` (split too)."""
+    return len(rule) == len(name) and all(r == n or (r == "*" and n.isdigit()) for r, n in zip(rule, name))
+
+
 class BlueprintPreTrainedModel(CheckedLoading, PreTrainedModel):
     config_class = BlueprintConfig
     base_model_prefix = "model"
@@ -492,6 +511,17 @@ class BlueprintPreTrainedModel(CheckedLoading, PreTrainedModel):
             init.copy_(module.slopes, module.compute_slopes(module.num_heads))
         elif isinstance(module, BlueprintForMaskedLM):
             init.zeros_(module.lm_head.bias)
+
+    def init_parallel_plans(self):
+        # One tensor-parallel plan serves every stack of a family: keep the rules that name a module of this model
+        # (the encoder of the encoder-decoder has no cross-attention; the encoder-decoder holds its blocks one level
+        # down, in its two stacks, which bring their own rules).
+        super().init_parallel_plans()
+        check_tensor_parallel(self.config)
+        if self._tp_plan:
+            names = [name.split(".") for name, _ in self.named_modules()]
+            self._tp_plan = {rule: style for rule, style in self._tp_plan.items()
+                             if any(_names_module(rule.split("."), name) for name in names)}
 
     def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
         """transformers resizes the input embedding (the encoder's) and the output layer; an encoder-decoder with
@@ -758,6 +788,8 @@ class BlueprintForCausalLM(BlueprintPreTrainedModel, GenerationChecks, Generatio
 
     base_model_class = BlueprintDecoderModel
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # each rank projects onto its share of the vocabulary
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: BlueprintConfig):
         super().__init__(config)
@@ -828,6 +860,8 @@ class BlueprintForMaskedLM(BlueprintPreTrainedModel):
 
     base_model_class = BlueprintEncoderModel
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # each rank projects onto its share of the vocabulary
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: BlueprintConfig):
         super().__init__(config)
@@ -1162,6 +1196,8 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
         "lm_head.weight": "model.encoder.embed_tokens.weight",
         "model.decoder.embed_tokens.weight": "model.encoder.embed_tokens.weight",
     }
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: BlueprintSeq2SeqConfig):
         super().__init__(config)

@@ -180,6 +180,23 @@ def check_positions(model, position_ids):
         )
 
 
+def check_tensor_parallel(config):
+    """Under tensor parallelism (from_pretrained(tp_plan=...), which puts a `distributed_config` on the config before
+    the model is built) every rank holds whole heads and an equal share of the feed-forward columns: refuse a degree
+    that does not divide them, before any weight is loaded."""
+    degree = getattr(getattr(config, "distributed_config", None), "tp_size", None) or 1
+    if degree <= 1:
+        return
+    for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, field)
+        if value % degree:
+            raise ValueError(
+                f"{type(config).__name__}.{field}={value} does not divide over tp_size={degree} tensor-parallel ranks: "
+                f"each rank must hold whole heads and an equal share of the feed-forward columns. Use a tp_size that "
+                f"divides num_attention_heads, num_key_value_heads and intermediate_size."
+            )
+
+
 # -- labels ------------------------------------------------------------------------------------------------------------
 
 
