@@ -14,7 +14,8 @@ and the ratios are the medians of the per-repeat ratios.
 
 Same accuracy: the three paths train from the same weights on the same batches with dropout 0 for a hundred-odd
 steps (at the recipe's shape by default, --train-shapes); the losses step by step and the GLUE dev accuracy after
-training must agree (packed and padded batches compute the same function, so any difference is float rounding).
+training must agree, prediction by prediction (packed and padded batches compute the same function, so any
+difference is float rounding).
 
     python benchmarks/sst2_padding_free.py --threads 1 --output sst2.md      # both shapes, markdown to a file
     python benchmarks/sst2_padding_free.py --shapes tiny --train-shapes tiny --repeats 1 --train-steps 2 \
@@ -152,21 +153,30 @@ def compare_training(shape: Shape, tokenizer, train: list, dev: list, train_step
         examples = sampler.sample(train, shape.batch)
         for path in PATHS:
             losses[path].append(steps[path](collate[path](examples)))
-    accuracy = {path: dev_accuracy(models[path], collate[path], dev) for path in PATHS}
+    logits = {path: dev_logits(models[path], collate[path], dev) for path in PATHS}
+    predictions = {path: logits[path].argmax(-1) for path in PATHS}
+    labels = torch.tensor([example["labels"] for example in dev])
+    accuracy = {path: (predictions[path] == labels).float().mean().item() for path in PATHS}
+    # Equal accuracies alone could hide different predictions (a model predicting one class for every sentence scores
+    # the same on any path): the predictions themselves, and the logits behind them, are compared.
+    agreement = {path: int((predictions[path] == predictions["native padded"]).sum()) for path in PATHS}
+    logit_difference = {path: (logits[path] - logits["native padded"]).abs().max().item() for path in PATHS}
     reference = losses["native padded"]
     largest_difference = {path: max(abs(a - b) for a, b in zip(losses[path], reference)) for path in PATHS}
-    return {"losses": losses, "accuracy": accuracy, "max_loss_difference": largest_difference}
+    return {"losses": losses, "accuracy": accuracy, "max_loss_difference": largest_difference,
+            "agreement": agreement, "max_logit_difference": logit_difference, "dev_size": len(dev)}
 
 
 @torch.no_grad()
-def dev_accuracy(model, collate, dev: list, batch_size: int = 128) -> float:
+def dev_logits(model, collate, dev: list, batch_size: int = 128) -> torch.Tensor:
+    """The logits of every dev example, in order."""
     model.eval()
-    correct = 0
+    logits = []
     for start in range(0, len(dev), batch_size):
         batch = collate(dev[start:start + batch_size])
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dev)
+        batch.pop("labels")
+        logits.append(model(**batch).logits)
+    return torch.cat(logits)
 
 
 def markdown(results: dict, header: str) -> str:
@@ -185,14 +195,18 @@ def markdown(results: dict, header: str) -> str:
     if not trained:
         return "\n".join(lines) + "\n"
     lines += ["", "Same training, dropout 0, same weights and batches: largest difference of the per-step loss from "
-              "native padded, and GLUE dev accuracy (872 sentences) after training.", "",
-              "| shape | steps | path | first loss | last loss | max abs loss difference | dev accuracy |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+              "native padded, GLUE dev accuracy (872 sentences) after training, how many dev predictions equal "
+              "native padded's, and the largest difference of a dev logit from native padded's.", "",
+              "| shape | steps | path | first loss | last loss | max abs loss difference | dev accuracy | "
+              "dev predictions as native padded | max abs dev logit difference |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, training in trained.items():
         for path in PATHS:
             losses = training["losses"][path]
             lines.append(f"| {name} | {len(losses)} | {path} | {losses[0]:.6f} | {losses[-1]:.6f} | "
-                         f"{training['max_loss_difference'][path]:.2e} | {training['accuracy'][path]:.4f} |")
+                         f"{training['max_loss_difference'][path]:.2e} | {training['accuracy'][path]:.4f} | "
+                         f"{training['agreement'][path]} / {training['dev_size']} | "
+                         f"{training['max_logit_difference'][path]:.2e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,15 +12,18 @@ Files are read into memory: fine for corpora of some hundreds of MB. Bigger corp
 Each example keeps the line it came from (column `LINE_COLUMN`) for error messages; tokenization drops it.
 """
 
+import codecs
 import csv
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 
+import pyarrow
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening
@@ -74,14 +77,33 @@ def read_data_file(path: str, encoding: str = "utf-8", keep_linebreaks: bool = T
             rows = _read_json(text, path)
     if not rows:
         raise DataError(f"{path} has no examples: expected {_expected_content(extension)}.")
-    return Dataset.from_list(rows)
+    try:
+        return Dataset.from_list(rows)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:  # values no one column type holds
+        raise DataError(f"{path}: the values of a column do not share one type ({error}); expected each column to "
+                        f"hold values of one kind (text, numbers, ...).") from None
 
 
 def decode(raw: bytes, path: str, encoding: str = "utf-8") -> str:
+    """The text of a file's bytes. A UTF-8 byte-order mark (Excel's "CSV UTF-8" writes one) is dropped: kept, it would
+    become part of the first column's name or the first line's text."""
+    raw = _without_utf8_bom(raw, path, encoding)
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as error:
         raise _decode_error(raw, error, path, encoding) from None
+
+
+def _without_utf8_bom(raw: bytes, path: str, encoding: str) -> bytes:
+    """`raw` without a leading UTF-8 byte-order mark when the encoding is UTF-8; an unknown encoding names the file."""
+    try:
+        codec = codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"{path}: --encoding {encoding!r} is not a text encoding Python knows; e.g. utf-8, latin-1, "
+                        f"cp1252, utf-16.") from None
+    if codec.name == "utf-8" and raw.startswith(codecs.BOM_UTF8):
+        return raw[len(codecs.BOM_UTF8):]
+    return raw
 
 
 def _decode_error(raw: bytes, error: UnicodeDecodeError, path: str, encoding: str) -> DataError:
@@ -144,6 +166,11 @@ def _read_json(text: str, path: str) -> list[dict]:
             document = None  # maybe JSON Lines, tried below
         if isinstance(document, dict) and isinstance(document.get("data"), list):
             document = document["data"]
+        elif isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+            columns = ", ".join(f"{name!r}: {len(values)} values" for name, values in list(document.items())[:4])
+            raise DataError(f"{path}: one JSON object of columns ({columns}); expected one object per example, as "
+                            f"JSON Lines or a JSON list of objects (pandas: df.to_json(path, orient='records', "
+                            f"lines=True)).")
         if isinstance(document, list):
             records = [(None, item) for item in document]
     if records is None:
@@ -165,10 +192,45 @@ def _read_json(text: str, path: str) -> list[dict]:
         rows.append({**record, LINE_COLUMN: line})
     # Columns missing from some records become None, caught by the column checks with the record's line.
     columns = list(dict.fromkeys(chain.from_iterable(rows)))
-    return [{column: row.get(column) for column in columns} for row in rows]
+    rows = [{column: row.get(column) for column in columns} for row in rows]
+    for column in columns:
+        if column != LINE_COLUMN:
+            _check_one_kind(rows, column, path)
+    return rows
+
+
+def _value_kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _check_one_kind(rows: list[dict], column: str, path: str) -> None:
+    """A column must hold one kind of value (text, numbers, ...): Arrow cannot store `1` and `"pos"` in one column,
+    and `"1"` against `1` would be two classes. The error names the first line of each kind."""
+    first = {}
+    for index, row in enumerate(rows):
+        kind = _value_kind(row[column])
+        if kind is not None and kind not in first:
+            first[kind] = index
+    if len(first) > 1:
+        def where(index):
+            line = rows[index][LINE_COLUMN]
+            return f"line {line}" if line is not None else f"record {index + 1} of the JSON list"
+
+        shown = ", ".join(f"{where(index)} holds {rows[index][column]!r:.60} ({kind})" for kind, index in first.items())
+        raise DataError(f"{path}: column {column!r} mixes kinds of values: {shown}. Give every value of a column the "
+                        f"same kind (e.g. all labels as text, or all as numbers).")
 
 
 def _decode_trec(raw: bytes, path: str, encoding: str) -> str:
+    raw = _without_utf8_bom(raw, path, encoding)
     lines = []
     while True:
         try:
@@ -324,6 +386,23 @@ def require_columns(raw: DatasetDict, sources: dict[str, str], columns: dict[str
                                 f"has no value.")
 
 
+def require_text(raw: DatasetDict, sources: dict[str, str], columns: dict[str, str]) -> None:
+    """Checks that the text columns hold text: a number (JSON `{"text": 5}`), a list or an object is an error naming
+    the file and line, not a TypeError deep inside tokenization. `columns` maps each column to the flag that chose it."""
+    for split, dataset in raw.items():
+        for column, flag in columns.items():
+            if column not in dataset.column_names:
+                continue
+            feature = dataset.features[column]
+            if getattr(feature, "dtype", None) in ("string", "large_string"):
+                continue  # Arrow already holds nothing but text (and None, which require_columns reports)
+            for index, value in enumerate(dataset[column]):
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{sources[split]}, {describe_row(dataset, index)}: column {column!r} ({flag}) "
+                                    f"holds {value!r:.60} ({type(value).__name__}); expected text. Quote it if it "
+                                    f"is meant as text, or choose the text column with {flag}.")
+
+
 def describe_row(dataset: Dataset, index: int) -> str:
     """Where example `index` came from: its line in the file, its record in a JSON list, or its row in a dataset."""
     if LINE_COLUMN not in dataset.column_names:
@@ -337,18 +416,33 @@ def describe_row(dataset: Dataset, index: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def label_name(value) -> str:
+    """The class name of a label value: text without surrounding whitespace (" pos" and "pos" are one class), numbers
+    as written, an integral float as its integer (JSON's 1 and 1.0 are one class, as are a CSV's "1" and a JSON's 1)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
 def build_label_maps(
     raw: DatasetDict, sources: dict[str, str], label_column: str
 ) -> tuple[dict[int, str], dict[str, int]]:
     """`id2label`/`label2id` from the training labels; a label elsewhere that training never saw is an error.
 
-    Labels are compared as text (a CSV's "1" and a JSON's 1 are the same class) and numbered in sorted order
-    (numerically when all are integers), so the same data always gives the same ids.
+    Labels are compared by `label_name` (stripped text; integral numbers as integers) and numbered in sorted order
+    (numerically when all are integers), so the same data always gives the same ids. An empty label is an error.
     """
     if "train" not in raw:
         raise DataError("Classification needs training data to define the labels: give --train_file or "
                         "--dataset_name.")
-    train_labels = {str(label) for label in raw["train"][label_column]}
+    for split, dataset in raw.items():
+        if label_column not in dataset.column_names:
+            continue
+        for index, label in enumerate(dataset[label_column]):
+            if label is not None and not label_name(label):
+                raise DataError(f"{sources[split]}, {describe_row(dataset, index)}: column {label_column!r} holds "
+                                f"{label!r}, an empty label; expected a class name.")
+    train_labels = {label_name(label) for label in raw["train"][label_column]}
     if len(train_labels) < 2:
         raise DataError(f"{sources['train']}: column {label_column!r} holds {len(train_labels)} distinct label(s) "
                         f"{sorted(train_labels)}; classification needs at least 2.")
@@ -359,8 +453,8 @@ def build_label_maps(
         if split == "train":
             continue
         for index, label in enumerate(dataset[label_column]):
-            if str(label) not in label2id:
-                unseen = sorted({str(v) for v in dataset[label_column]} - train_labels)
+            if label_name(label) not in label2id:
+                unseen = sorted({label_name(v) for v in dataset[label_column]} - train_labels)
                 raise DataError(
                     f"{sources[split]}, {describe_row(dataset, index)}: label {label!r} in column {label_column!r} "
                     f"never occurs in the training data ({sources['train']}), so the model has no class for it. "
@@ -433,7 +527,7 @@ def pack_into_blocks(tokenized: DatasetDict, block_size: int, sources: dict[str,
 def map_labels(raw: DatasetDict, label_column: str, label2id: dict[str, int]) -> DatasetDict:
     """Adds `labels` (class ids) to every split that has the label column; an unlabeled test split stays as it is."""
     def to_ids(examples):
-        return {"labels": [label2id[str(label)] for label in examples[label_column]]}
+        return {"labels": [label2id[label_name(label)] for label in examples[label_column]]}
 
     return DatasetDict({
         split: dataset.map(to_ids, batched=True, desc=f"Mapping labels of {split}")

@@ -6,14 +6,20 @@ dataclass, a data dataclass and `TrainingArguments`, so every Trainer flag works
 - a config file (JSON or YAML) as the first argument, with command-line flags after it overriding its values:
   `python recipes/pretrain_causal_lm.py recipes/configs/shakespeare_char.yaml --max_steps 100`;
 - `--config_overrides "hidden_size=128,num_hidden_layers=4"` for any Blueprint config field, validated by the config;
+- nothing lost: an `--output_dir` that holds a run is refused unless `--overwrite_output_dir` (the flag transformers'
+  examples had) or `--resume_from_checkpoint`, a resume refuses checkpoints of another model config, arguments used
+  only after training are checked before it, and the final model is saved right after training (`prepare_run`);
 - a summary table printed at the end of each run.
 """
 
 import argparse
+import codecs
+import glob
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,13 +34,16 @@ from transformers import (
     HfArgumentParser,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    Seq2SeqTrainingArguments,
     TrainingArguments,
 )
 
-from .data import iterate_texts
-from .tokenizer import TOKENIZER_TYPES, train_tokenizer
+from .data import DataError, iterate_texts
+from .tokenizer import TOKENIZER_TYPES, special_tokens_per_text, train_tokenizer
 from .training_guards import (
+    CHECKPOINT_PATTERN,
     NonFiniteLossCallback,
+    check_checkpoint_config,
     check_distributed_launch,
     prepare_distributed_launch,
     resolve_resume_checkpoint,
@@ -166,6 +175,36 @@ class DataArguments:
             raise ValueError(
                 f"--validation_split_percentage must be in [0, 100), got {self.validation_split_percentage}."
             )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1 (or left unset for all examples), got {value}: "
+                                 f"{'training' if name == 'max_train_samples' else 'evaluation'} would have no data.")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise DataError(f"--encoding {self.encoding!r} (for {self.train_file or self.dataset_name}) is not a text "
+                            f"encoding Python knows; e.g. utf-8, latin-1, cp1252, utf-16.") from None
+
+
+@dataclass
+class RecipeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` and `--overwrite_output_dir`, the flag transformers' examples used to have (TrainingArguments
+    no longer does in transformers 5)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in --output_dir. Without it (or --resume_from_checkpoint) a recipe "
+                          "refuses an --output_dir that is not empty, so that no earlier model, card or checkpoint is "
+                          "overwritten. With it, the folder's checkpoint-N folders are deleted before training starts "
+                          "(else a resume, or the checkpoint rotation of --save_total_limit, would take them for "
+                          "this run's); other files are replaced as the new run writes them."},
+    )
+
+
+@dataclass
+class RecipeSeq2SeqTrainingArguments(Seq2SeqTrainingArguments, RecipeTrainingArguments):
+    """`Seq2SeqTrainingArguments` and `--overwrite_output_dir`."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,16 +277,80 @@ def config_file_to_argv(path: str) -> list[str]:
     return argv
 
 
+NO_RESUME_VALUES = ("false", "no", "none", "")
+
+
+def resume_requested(training_args) -> bool:
+    """Whether --resume_from_checkpoint asks for a resume: a path, `true` or `last`; `false` (as transformers' own
+    `Trainer.train(resume_from_checkpoint=False)`), `none` or unset do not."""
+    value = training_args.resume_from_checkpoint
+    return value is not None and value is not False and str(value).strip().lower() not in NO_RESUME_VALUES
+
+
 def resume_checkpoint(training_args) -> str | None:
     """`--resume_from_checkpoint true` resumes from the newest *complete* checkpoint in `output_dir`: a folder that a
     killed run (or a full disk) left half-written is skipped, and the log says which and why, where transformers'
-    own choice would take it. A path resumes from that folder, which must be complete."""
-    value = training_args.resume_from_checkpoint
-    if value is None:
+    own choice would take it. A path resumes from that folder, which must be complete. `false` does not resume."""
+    if not resume_requested(training_args):
         return None
+    value = training_args.resume_from_checkpoint
     if str(value).lower() not in ("true", "last") and not os.path.isdir(value):
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder.")
     return resolve_resume_checkpoint(value, training_args.output_dir)
+
+
+def prepare_run(training_args) -> str | None:
+    """The checks a recipe makes before it reads any data: the schedule trains something, and --output_dir holds no
+    other run (or the user said to replace it, or resumes it). Returns the checkpoint to resume from, if any.
+
+    An --output_dir that is not empty is refused unless --overwrite_output_dir (its checkpoint-N folders are then
+    deleted, so that neither a later resume nor the checkpoint rotation takes them for this run's) or a resume (the
+    checkpoints are this run's; `check_resume_config` then compares their model config with the run's)."""
+    if training_args.do_train and training_args.max_steps <= 0:
+        epochs = training_args.num_train_epochs
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise ValueError(f"--num_train_epochs {epochs}: expected a positive, finite number of epochs (0 trains "
+                             f"nothing), or --max_steps N; --do_train false only evaluates.")
+    output_dir = training_args.output_dir
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"--output_dir {output_dir} is a file, not a folder: give a folder to save the run in.")
+    checkpoint = resume_checkpoint(training_args)
+    if checkpoint is not None:
+        if overwrite:
+            raise ValueError(f"--overwrite_output_dir and --resume_from_checkpoint {training_args.resume_from_checkpoint}"
+                             f" contradict each other: a resume continues the run in --output_dir {output_dir}, "
+                             f"--overwrite_output_dir replaces it. Give one of them.")
+        return checkpoint
+    held = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not held:
+        return None
+    if not overwrite:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise FileExistsError(
+            f"--output_dir {output_dir} is not empty (it holds {shown}): training would overwrite what is there. "
+            f"Give a new --output_dir, --overwrite_output_dir to replace the run in it, or --resume_from_checkpoint "
+            f"true to continue it."
+        )
+    old_checkpoints = [name for name in held if CHECKPOINT_PATTERN.match(name)
+                       and os.path.isdir(os.path.join(output_dir, name))]
+    if old_checkpoints and training_args.should_save:
+        logger.warning(f"--overwrite_output_dir: deleting the checkpoints of the run in {output_dir}: {old_checkpoints}.")
+        for name in old_checkpoints:
+            shutil.rmtree(os.path.join(output_dir, name))
+    return None
+
+
+def check_resume_config(training_args, checkpoint: str | None, config: PretrainedConfig) -> None:
+    """On a resume, the checkpoint resumed from and every checkpoint-N folder in --output_dir (those the rotation of
+    --save_total_limit may delete) must hold a model of this run's config: one of another run is refused, naming it
+    and the fields that differ, before training starts."""
+    if checkpoint is None:
+        return
+    # The rotation takes every folder named checkpoint-* (transformers' sort_checkpoints), not only checkpoint-N.
+    rotated = sorted(glob.glob(os.path.join(glob.escape(training_args.output_dir), "checkpoint-*")))
+    for folder in dict.fromkeys(os.path.normpath(f) for f in [checkpoint, *rotated] if os.path.isdir(f)):
+        check_checkpoint_config(folder, config)
 
 
 def training_callbacks(model_args: ModelArguments) -> list:
@@ -279,15 +382,23 @@ def predict_in_order(trainer, dataset, **kwargs):
 
 
 def load_or_train_tokenizer(
-    model_args: ModelArguments, train_dataset: Dataset, text_columns: Sequence[str], family: str
+    model_args: ModelArguments, train_dataset: Dataset, text_columns: Sequence[str], family: str,
+    lengths: dict[str, int | None] | None = None, pair: bool = False,
 ) -> PreTrainedTokenizerBase:
-    """--tokenizer_name, else the checkpoint's tokenizer, else a new one trained on the training split only."""
+    """--tokenizer_name, else the checkpoint's tokenizer, else a new one trained on the training split only.
+
+    `lengths` maps length flags (e.g. {"--max_seq_length": 1}) to their values: each must leave room for a text token
+    beside the special tokens the tokenizer adds to every example (`pair`: to a pair of texts). A tokenizer to be
+    trained is checked before it is trained, by what its family adds."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name is not None:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             name, cache_dir=model_args.cache_dir, token=model_args.token,
             trust_remote_code=model_args.trust_remote_code,
         )
+        check_room_for_text(lengths, tokenizer.num_special_tokens_to_add(pair=pair), name)
+        return tokenizer
+    check_room_for_text(lengths, special_tokens_per_text(family, pair=pair), f"a new {family} tokenizer")
     logger.info(f"Training a {model_args.tokenizer_type} tokenizer ({family} family) on the training split.")
     texts = (text for column in text_columns for text in iterate_texts(train_dataset, column))
     return train_tokenizer(
@@ -298,6 +409,22 @@ def load_or_train_tokenizer(
         family=family,
     )
 
+
+def check_room_for_text(lengths: dict[str, int | None] | None, special_tokens: int, tokenizer: str) -> None:
+    """Each length must exceed the special tokens added to every example: a length that only holds [CLS] and [SEP]
+    trains on no text at all (an MLM with nothing to mask reaches loss 0.0)."""
+    for flag, length in (lengths or {}).items():
+        if length is not None and length <= special_tokens:
+            raise ValueError(
+                f"{flag} {length} leaves no room for a text token: {tokenizer} adds {special_tokens} special token(s) "
+                f"to every example. Give {flag} {special_tokens + 1} or more."
+            )
+
+
+def require_positive_length(value: int | None, flag: str, minimum: int = 1, why: str = "") -> None:
+    """Lengths are checked when the arguments are parsed, long before the first batch would fail on them."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be at least {minimum}{why}, got {value}.")
 
 
 def parse_config_overrides(overrides: str) -> dict:

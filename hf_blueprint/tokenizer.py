@@ -44,6 +44,18 @@ SPECIAL_TOKENS = {
 SPECIAL_TOKEN_LIST = list(dict.fromkeys(SPECIAL_TOKENS.values()))
 
 
+# Special tokens each family's post-processor adds to one text and to a pair of texts (see `set_family`).
+SPECIAL_TOKENS_ADDED = {"encoder": (2, 3), "decoder": (0, 0), "seq2seq": (1, 2)}
+
+
+def special_tokens_per_text(family: str, pair: bool = False) -> int:
+    """How many special tokens a tokenizer of `family` trained here adds to every text (or pair of texts): what
+    `tokenizer.num_special_tokens_to_add(pair)` will say, known before the tokenizer is trained."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not supported; choose one of {list(FAMILIES)}.")
+    return SPECIAL_TOKENS_ADDED[family][int(pair)]
+
+
 def train_tokenizer(
     texts: Iterable[str],
     tokenizer_type: str = "bpe",

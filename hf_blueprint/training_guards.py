@@ -311,6 +311,54 @@ def resolve_resume_checkpoint(value, output_dir: str | os.PathLike) -> str | Non
     return os.fspath(value)
 
 
+# Fields a save adds or rewrites without changing the model (where it was loaded from, the library version, dtype,
+# the class names), and run-time switches (the Trainer saves use_cache=False while it trains); private `_` fields too.
+CONFIG_FIELDS_NOT_COMPARED = ("transformers_version", "architectures", "dtype", "torch_dtype", "auto_map",
+                              "use_cache", "output_attentions", "output_hidden_states", "return_dict")
+
+
+def checkpoint_config_differences(checkpoint: str | os.PathLike, config) -> dict[str, tuple]:
+    """The model config fields whose value in `checkpoint/config.json` differs from `config`'s, as
+    {field: (checkpoint's value, config's value)}; {} when they agree or the folder has no config.json."""
+    file = os.path.join(os.fspath(checkpoint), "config.json")
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("model_type") != config.model_type:
+        return {"model_type": (saved.get("model_type"), config.model_type)}
+    # The saved file holds only the fields that differ from the defaults: read it back through the config class for
+    # every field, then compare both in their JSON form (int keys of id2label, tuples and lists alike).
+    saved = type(config).from_json_file(file).to_dict()
+    ours = config.to_dict()
+
+    def normal(value):
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+    missing = "(not set)"
+    return {key: (saved.get(key, missing), ours.get(key, missing)) for key in sorted(set(saved) | set(ours))
+            if key not in CONFIG_FIELDS_NOT_COMPARED and not key.startswith("_")
+            and normal(saved.get(key, missing)) != normal(ours.get(key, missing))}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds a model of another config than the run that would resume from (or rotate) it."""
+
+
+def check_checkpoint_config(checkpoint: str | os.PathLike, config) -> None:
+    """Raises `CheckpointMismatchError` naming the checkpoint and each differing field when the checkpoint's model
+    config is not `config`: resuming would load weights of another shape or meaning, and the checkpoint rotation
+    would delete another run's checkpoints."""
+    differences = checkpoint_config_differences(checkpoint, config)
+    if differences:
+        shown = "; ".join(f"{key}: {theirs!r} in the checkpoint, {ours!r} in this run"
+                          for key, (theirs, ours) in differences.items())
+        raise CheckpointMismatchError(
+            f"{os.fspath(checkpoint)} holds a model of another configuration than this run's ({shown}). It belongs to "
+            f"another run: resume with that run's settings, or train into a new --output_dir."
+        )
+
+
 def _weights_file_problems(folder: str, name: str) -> list[str]:
     file = os.path.join(folder, name)
     if name.endswith(".index.json"):

@@ -40,7 +40,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     Trainer,
-    TrainingArguments,
     set_seed,
 )
 
@@ -52,6 +51,7 @@ from hf_blueprint.data import (
     map_labels,
     pick_text_column,
     require_columns,
+    require_text,
     tokenize_texts,
     truncate_splits,
 )
@@ -61,12 +61,15 @@ from hf_blueprint.visualize import add_training_curves
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
+    RecipeTrainingArguments,
     build_config,
+    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
     predict_in_order,
-    resume_checkpoint,
+    prepare_run,
+    require_positive_length,
     sequence_length,
     setup_logging,
     training_callbacks,
@@ -107,9 +110,12 @@ class ClassificationArguments:
                           "draws differ from a padded run's, so results match statistically, not bit for bit."},
     )
 
+    def __post_init__(self):
+        require_positive_length(self.max_seq_length, "--max_seq_length")
+
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
-ARGUMENTS = (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments)
+ARGUMENTS = (ModelArguments, DataArguments, ClassificationArguments, RecipeTrainingArguments)
 
 
 def main(argv=None):
@@ -118,10 +124,11 @@ def main(argv=None):
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, cls_args: ClassificationArguments,
-        training_args: TrainingArguments) -> dict:
+        training_args: RecipeTrainingArguments) -> dict:
     setup_logging(training_args)
     set_seed(training_args.seed)
     started = time.perf_counter()
+    checkpoint = prepare_run(training_args)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=False, seed=training_args.seed, cache_dir=model_args.cache_dir,
@@ -141,11 +148,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
     require_columns(labeled, sources, columns)
     if unlabeled_test:
         require_columns({"test": raw["test"]}, sources, {c: f for c, f in columns.items() if c != label_column})
+    require_text(raw, sources, {c: f for c, f in columns.items() if c != label_column})
     id2label, label2id = build_label_maps(labeled, sources, label_column)
     raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
 
     family = _family(model_args)
-    tokenizer = load_or_train_tokenizer(model_args, raw["train"], text_columns, family=family)
+    tokenizer = load_or_train_tokenizer(model_args, raw["train"], text_columns, family=family,
+                                        lengths={"--max_seq_length": cls_args.max_seq_length},
+                                        pair=cls_args.text_pair_column_name is not None)
     if tokenizer.pad_token is None:
         raise ValueError(f"Batching needs a pad token; the tokenizer {tokenizer.name_or_path!r} has none.")
     config = build_config(model_args, tokenizer, num_labels=len(id2label), id2label=id2label, label2id=label2id)
@@ -161,6 +171,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
     else:
         model = AutoModelForSequenceClassification.from_config(config)
     check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
+    check_resume_config(training_args, checkpoint, model.config)
 
     with training_args.main_process_first(desc="tokenizing"):
         encoded = tokenize_texts(map_labels(raw, label_column, label2id), tokenizer, text_columns, data_args.preprocessing_num_workers,
@@ -184,7 +195,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
                "train_examples": len(encoded["train"]), "output_dir": training_args.output_dir,
                "batches": "padding-free (examples packed into one row)" if cls_args.padding_free else "padded"}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # Saved first: nothing after training (evaluation, predictions, pictures, the card) can lose the weights.
+        trainer.save_model()
+        trainer.save_state()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         results.update(train_result.metrics, global_step=train_result.global_step)
@@ -203,8 +217,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
             results.update(metrics)
 
     if training_args.do_train:
-        trainer.save_model()
-        trainer.save_state()
+        trainer.save_state()  # again, with the evaluations in its log history
         add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification",
                 "dataset": data_args.dataset_name or sources.get("train")}
@@ -230,7 +243,7 @@ def _family(model_args: ModelArguments) -> str:
     return "decoder" if model_type == "blueprint_decoder" else "encoder"
 
 
-def _write_predictions(trainer: Trainer, dataset, id2label: dict, training_args: TrainingArguments) -> str:
+def _write_predictions(trainer: Trainer, dataset, id2label: dict, training_args: RecipeTrainingArguments) -> str:
     logits = predict_in_order(trainer, dataset).predictions  # rows in file order, even with group_by_length
     logits = logits[0] if isinstance(logits, tuple) else logits
     path = os.path.join(training_args.output_dir, "test_predictions.tsv")

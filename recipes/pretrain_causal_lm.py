@@ -22,11 +22,12 @@ Any Trainer flag works (`--push_to_hub`, `--resume_from_checkpoint true`, ...); 
 """
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.data import (
@@ -34,6 +35,7 @@ from hf_blueprint.data import (
     pack_into_blocks,
     pick_text_column,
     require_columns,
+    require_text,
     tokenize_texts,
     truncate_splits,
 )
@@ -43,11 +45,15 @@ from hf_blueprint.visualize import add_training_curves
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
+    RecipeTrainingArguments,
     build_config,
+    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
     perplexity_of,
+    prepare_run,
+    require_positive_length,
     resume_checkpoint,
     sequence_length,
     setup_logging,
@@ -82,12 +88,30 @@ class CausalLMArguments:
     sample_do_sample: bool = field(
         default=True, metadata={"help": "Sample (true) or decode greedily (false); saved as the generation default."}
     )
-    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (above 0)."})
     sample_top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens (0: all)."})
+    sample_top_p: float = field(
+        default=1.0,
+        metadata={"help": "Sample from the smallest set of likeliest tokens whose probabilities add up to p (1: all)."},
+    )
+
+    def __post_init__(self):
+        # Checked here, not when the sample is drawn after hours of training.
+        require_positive_length(self.block_size, "--block_size", minimum=2,
+                                why=" (a block of one token has no next token to predict)")
+        if self.sample_max_new_tokens < 0:
+            raise ValueError(f"--sample_max_new_tokens must be 0 (no sample) or more, got {self.sample_max_new_tokens}.")
+        if self.sample_do_sample and not (math.isfinite(self.sample_temperature) and self.sample_temperature > 0):
+            raise ValueError(f"--sample_temperature must be a number above 0, got {self.sample_temperature} (for "
+                             f"greedy decoding give --sample_do_sample false).")
+        if self.sample_top_k < 0:
+            raise ValueError(f"--sample_top_k must be 0 (all tokens) or more, got {self.sample_top_k}.")
+        if not (0 < self.sample_top_p <= 1):
+            raise ValueError(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}.")
 
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
-ARGUMENTS = (ModelArguments, DataArguments, CausalLMArguments, TrainingArguments)
+ARGUMENTS = (ModelArguments, DataArguments, CausalLMArguments, RecipeTrainingArguments)
 
 
 def main(argv=None):
@@ -96,12 +120,14 @@ def main(argv=None):
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMArguments,
-        training_args: TrainingArguments, report: bool = True) -> dict:
-    """Trains, evaluates, samples and saves; returns the metrics, the sample and the sizes. `report` prints the
-    summary table (the quickstart prints its own)."""
+        training_args: RecipeTrainingArguments, report: bool = True, output_dir_checked: bool = False) -> dict:
+    """Trains, saves, evaluates and samples; returns the metrics, the sample and the sizes. `report` prints the
+    summary table (the quickstart prints its own); `output_dir_checked`: the caller ran `prepare_run` already (the
+    quickstart, which writes its tokenizer into the folder first)."""
     setup_logging(training_args)
     set_seed(training_args.seed)
     started = time.perf_counter()
+    checkpoint = resume_checkpoint(training_args) if output_dir_checked else prepare_run(training_args)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=True, seed=training_args.seed, cache_dir=model_args.cache_dir,
@@ -109,6 +135,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     )
     text_column = data_args.text_column_name or pick_text_column(raw["train"].column_names)
     require_columns(raw, sources, {text_column: "--text_column_name"})
+    require_text(raw, sources, {text_column: "--text_column_name"})
     raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
 
     tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="decoder")
@@ -120,6 +147,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
         model = AutoModelForCausalLM.from_config(config)
     check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
     block_size = sequence_length(lm_args.block_size, config, default=1024, flag="--block_size")
+    check_resume_config(training_args, checkpoint, model.config)
+    configure_generation(model, tokenizer, lm_args)  # before training: the final save writes it
 
     with training_args.main_process_first(desc="tokenizing and packing"):
         # Each line is tokenized on its own, then the token streams are concatenated: with a character tokenizer
@@ -147,7 +176,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     results = {"num_parameters": model.num_parameters(), "train_blocks": len(blocks["train"]),
                "block_size": block_size, "output_dir": training_args.output_dir}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # Saved first: nothing after training (evaluation, sampling, pictures, the card) can lose the weights.
+        trainer.save_model()  # model, tokenizer and generation config, on the main process only
+        trainer.save_state()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         results.update(train_result.metrics, global_step=train_result.global_step)
@@ -160,7 +192,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
 
-    configure_generation(trainer.model, tokenizer, lm_args)
     prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
     # Sharded parameters (FSDP, DeepSpeed ZeRO-3) are gathered layer by layer during each forward, so every rank must
     # generate in step with the others (same seed, same tokens); otherwise rank 0 alone samples.
@@ -172,8 +203,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
             logger.info(f"Sample:\n{prompt}{sample}")
 
     if training_args.do_train:
-        trainer.save_model()  # model, tokenizer and generation config, on the main process only
-        trainer.save_state()
+        trainer.save_state()  # again, with the evaluation in its log history
         add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation",
                 "dataset": data_args.dataset_name or sources.get("train")}
@@ -205,6 +235,7 @@ def configure_generation(model, tokenizer, lm_args: CausalLMArguments) -> None:
     if lm_args.sample_do_sample:
         generation_config.temperature = lm_args.sample_temperature
         generation_config.top_k = lm_args.sample_top_k or None
+        generation_config.top_p = lm_args.sample_top_p
 
 
 @torch.no_grad()

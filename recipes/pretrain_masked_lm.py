@@ -20,6 +20,7 @@ longest (same masking, same per-token loss, no computation on the padding):
 """
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,6 @@ from transformers import (
     AutoModelForMaskedLM,
     DataCollatorForLanguageModeling,
     Trainer,
-    TrainingArguments,
     set_seed,
 )
 
@@ -38,6 +38,7 @@ from hf_blueprint.data import (
     pack_into_blocks,
     pick_text_column,
     require_columns,
+    require_text,
     tokenize_texts,
     truncate_splits,
 )
@@ -47,11 +48,14 @@ from hf_blueprint.visualize import add_training_curves
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
+    RecipeTrainingArguments,
     build_config,
+    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
-    resume_checkpoint,
+    prepare_run,
+    require_positive_length,
     sequence_length,
     setup_logging,
     training_callbacks,
@@ -101,10 +105,21 @@ class MaskedLMArguments:
         if self.padding_free and not self.line_by_line:
             raise ValueError("--padding_free needs --line_by_line: packed blocks all have --max_seq_length tokens, so "
                              "there is no padding to remove (and one long row would only make attention dearer).")
+        require_positive_length(self.max_seq_length, "--max_seq_length")
+        # 0 masks nothing (loss 0.0, no training signal); 1 masks every token, leaving nothing to predict from.
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        for name in ("mask_replace_prob", "random_replace_prob"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise ValueError(f"--{name} must be in [0, 1], got {value}.")
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError(f"--mask_replace_prob {self.mask_replace_prob} and --random_replace_prob "
+                             f"{self.random_replace_prob} add up to more than 1: they are shares of the chosen tokens.")
 
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
-ARGUMENTS = (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments)
+ARGUMENTS = (ModelArguments, DataArguments, MaskedLMArguments, RecipeTrainingArguments)
 
 
 def main(argv=None):
@@ -113,10 +128,11 @@ def main(argv=None):
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLMArguments,
-        training_args: TrainingArguments) -> dict:
+        training_args: RecipeTrainingArguments) -> dict:
     setup_logging(training_args)
     set_seed(training_args.seed)
     started = time.perf_counter()
+    checkpoint = prepare_run(training_args)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=not mlm_args.line_by_line, seed=training_args.seed,
@@ -124,9 +140,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
     )
     text_column = data_args.text_column_name or pick_text_column(raw["train"].column_names, exclude=["label"])
     require_columns(raw, sources, {text_column: "--text_column_name"})
+    require_text(raw, sources, {text_column: "--text_column_name"})
     raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
 
-    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="encoder")
+    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="encoder",
+                                        lengths={"--max_seq_length": mlm_args.max_seq_length})
     if tokenizer.mask_token is None or tokenizer.pad_token is None:
         raise ValueError(f"Masked LM needs a tokenizer with a mask and a pad token; {type(tokenizer).__name__} has "
                          f"mask_token={tokenizer.mask_token!r}, pad_token={tokenizer.pad_token!r}.")
@@ -138,6 +156,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         model = AutoModelForMaskedLM.from_config(config)
     check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
     max_seq_length = sequence_length(mlm_args.max_seq_length, config, default=512, flag="--max_seq_length")
+    check_resume_config(training_args, checkpoint, model.config)
 
     with training_args.main_process_first(desc="tokenizing"):
         if mlm_args.line_by_line:
@@ -177,7 +196,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
     results = {"num_parameters": model.num_parameters(), "train_examples": len(examples["train"]),
                "max_seq_length": max_seq_length, "output_dir": training_args.output_dir}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # Saved first: nothing after training (evaluation, pictures, the card) can lose the weights.
+        trainer.save_model()
+        trainer.save_state()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         results.update(train_result.metrics, global_step=train_result.global_step)
@@ -188,8 +210,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         results.update(metrics)
 
     if training_args.do_train:
-        trainer.save_model()
-        trainer.save_state()
+        trainer.save_state()  # again, with the evaluation in its log history
         add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "fill-mask",
                 "dataset": data_args.dataset_name or sources.get("train")}

@@ -24,10 +24,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
-from hf_blueprint.recipe_args import DataArguments, ModelArguments, format_summary, parse_args
+from hf_blueprint.recipe_args import (
+    DataArguments,
+    ModelArguments,
+    RecipeTrainingArguments,
+    format_summary,
+    parse_args,
+    prepare_run,
+)
 from hf_blueprint.visualize import write_attention_map
 
 
@@ -93,12 +100,17 @@ class QuickstartArguments:
 
 
 def main(argv=None):
-    quick_args, training_args = parse_args((QuickstartArguments, TrainingArguments), argv, TRAINING_DEFAULTS, description=__doc__)
+    quick_args, training_args = parse_args((QuickstartArguments, RecipeTrainingArguments), argv, TRAINING_DEFAULTS,
+                                           description=__doc__)
     return run(quick_args, training_args)
 
 
-def run(args: QuickstartArguments, training_args: TrainingArguments) -> dict:
+def run(args: QuickstartArguments, training_args: RecipeTrainingArguments) -> dict:
     started = time.perf_counter()
+    # Before the tokenizer is written into it: --output_dir holds no other run (or replacing or resuming it was asked),
+    # as every rank of a multi-process launch must have seen before the main one writes.
+    prepare_run(training_args)
+    training_args.distributed_state.wait_for_everyone()
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     is_main = training_args.process_index == 0
@@ -112,6 +124,7 @@ def run(args: QuickstartArguments, training_args: TrainingArguments) -> dict:
             tokenizer_args = train_tokenizer.TokenizerTrainingArguments(
                 output_dir=tokenizer_dir, tokenizer_type=args.tokenizer_type, vocab_size=args.tokenizer_vocab_size,
                 family="decoder", model_max_length=args.block_size,
+                overwrite_output_dir=True,  # inside --output_dir, checked above
             )
             train_tokenizer.run(data_args, tokenizer_args, report=False)
 
@@ -132,7 +145,8 @@ def run(args: QuickstartArguments, training_args: TrainingArguments) -> dict:
     lm_args = pretrain_causal_lm.CausalLMArguments(
         block_size=args.block_size, sample_prompt=args.prompt, sample_max_new_tokens=args.sample_max_new_tokens,
     )
-    results = pretrain_causal_lm.run(model_args, data_args, lm_args, training_args, report=False)
+    results = pretrain_causal_lm.run(model_args, data_args, lm_args, training_args, report=False,
+                                     output_dir_checked=True)
     if not is_main:
         return results
 

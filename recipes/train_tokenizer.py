@@ -17,7 +17,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from hf_blueprint.data import iterate_texts, load_raw_datasets, pick_text_column, require_columns, truncate_splits
+from hf_blueprint.data import (
+    iterate_texts,
+    load_raw_datasets,
+    pick_text_column,
+    require_columns,
+    require_text,
+    truncate_splits,
+)
 from hf_blueprint.recipe_args import DataArguments, format_summary, parse_args
 from hf_blueprint.tokenizer import FAMILIES, TOKENIZER_TYPES, train_tokenizer
 
@@ -30,6 +37,10 @@ class TokenizerTrainingArguments:
     """What tokenizer to train and where to put it."""
 
     output_dir: str = field(default="out/tokenizer", metadata={"help": "Folder to save the tokenizer in."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace what --output_dir holds (without it, a folder that is not empty is "
+                                         "refused)."}
+    )
     tokenizer_type: str = field(
         default="bpe", metadata={"help": "Byte-level BPE, one token per character, or one per word.",
                                "choices": TOKENIZER_TYPES}
@@ -69,11 +80,13 @@ def main(argv=None):
 def run(data_args: DataArguments, args: TokenizerTrainingArguments, report: bool = True) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
+    check_output_dir(args)
     # Text files are language-model data: hold out their contiguous tail, as the pretraining recipes do.
     text_like = data_args.train_file is not None and data_args.train_file.endswith((".txt", ".text"))
     raw, sources = load_raw_datasets(data_args, contiguous_validation=text_like, seed=args.seed)
     text_column = data_args.text_column_name or pick_text_column(raw["train"].column_names, exclude=["label"])
     require_columns(raw, sources, {text_column: "--text_column_name"})
+    require_text(raw, sources, {text_column: "--text_column_name"})
     train = truncate_splits(raw, data_args.max_train_samples, None)["train"]
 
     logger.info(f"Training a {args.tokenizer_type} tokenizer on {len(train):,} examples of {sources['train']}")
@@ -108,6 +121,21 @@ def run(data_args: DataArguments, args: TokenizerTrainingArguments, report: bool
         ("saved to", args.output_dir),
     ]))
     return results
+
+
+def check_output_dir(args: TokenizerTrainingArguments) -> None:
+    """Before anything is read or trained: --output_dir must be a folder (`save_pretrained` only logs an error for a
+    file, and the run would end "successfully" with nothing saved) and hold nothing yet, unless replacing it was
+    asked for."""
+    output_dir = args.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(f"--output_dir {output_dir} is a file, not a folder: give a folder to save the "
+                              f"tokenizer in.")
+    held = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if held and not args.overwrite_output_dir:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise FileExistsError(f"--output_dir {output_dir} is not empty (it holds {shown}): saving would overwrite "
+                              f"what is there. Give a new --output_dir, or --overwrite_output_dir to replace it.")
 
 
 if __name__ == "__main__":

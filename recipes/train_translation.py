@@ -30,8 +30,10 @@ dataset (`--dataset_name bentrevett/multi30k`). Any Trainer flag works (`--resum
 
 import gzip
 import logging
+import math
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from datasets import Dataset, DatasetDict
@@ -39,7 +41,6 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
     Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
     set_seed,
 )
 
@@ -61,12 +62,15 @@ from hf_blueprint.model_card import use_blueprint_model_card
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
+    RecipeSeq2SeqTrainingArguments,
     build_config,
+    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
     predict_in_order,
-    resume_checkpoint,
+    prepare_run,
+    require_positive_length,
     sequence_length,
     setup_logging,
     training_callbacks,
@@ -130,9 +134,19 @@ class TranslationArguments:
         metadata={"help": "Test (else validation) translations printed at the end, with source and reference."},
     )
 
+    def __post_init__(self):
+        # Checked here, not when the translations are scored after training.
+        require_positive_length(self.max_source_length, "--max_source_length")
+        require_positive_length(self.max_target_length, "--max_target_length")
+        require_positive_length(self.num_beams, "--num_beams")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"--length_penalty must be a finite number, got {self.length_penalty}.")
+        if self.num_examples_to_print < 0:
+            raise ValueError(f"--num_examples_to_print must be 0 or more, got {self.num_examples_to_print}.")
+
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
-ARGUMENTS = (TranslationModelArguments, DataArguments, TranslationArguments, Seq2SeqTrainingArguments)
+ARGUMENTS = (TranslationModelArguments, DataArguments, TranslationArguments, RecipeSeq2SeqTrainingArguments)
 
 
 def main(argv=None):
@@ -141,17 +155,24 @@ def main(argv=None):
 
 
 def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args: TranslationArguments,
-        training_args: Seq2SeqTrainingArguments) -> dict:
+        training_args: RecipeSeq2SeqTrainingArguments) -> dict:
     setup_logging(training_args)
     set_seed(training_args.seed)
     started = time.perf_counter()
+    # The decoding of the evaluations during training, checked before the first one.
+    require_positive_length(training_args.generation_num_beams, "--generation_num_beams")
+    require_positive_length(training_args.generation_max_length, "--generation_max_length", minimum=2,
+                            why=" (the decoder start token and one more)")
+    checkpoint = prepare_run(training_args)
     source_lang, target_lang = mt_args.source_lang, mt_args.target_lang
 
     raw, sources = load_translation_data(data_args, mt_args, seed=training_args.seed, model_args=model_args)
     raw = truncate_splits(raw, data_args.max_train_samples, data_args.max_eval_samples)
 
     # One vocabulary for both languages: the embeddings of source, target and output are one matrix.
-    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [source_lang, target_lang], family="seq2seq")
+    tokenizer = load_or_train_tokenizer(model_args, raw["train"], [source_lang, target_lang], family="seq2seq",
+                                        lengths={"--max_source_length": mt_args.max_source_length,
+                                                 "--max_target_length": mt_args.max_target_length})
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"Translation needs a pad and an end-of-sentence token; the tokenizer "
                          f"{tokenizer.name_or_path!r} lacks one (pad: {tokenizer.pad_token!r}, eos: "
@@ -170,6 +191,7 @@ def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args
     max_target_length = sequence_length(mt_args.max_target_length, config, default=128, flag="--max_target_length")
     tokenizer.model_max_length = max_source_length
     configure_generation(model, tokenizer, mt_args, max_target_length)
+    check_resume_config(training_args, checkpoint, model.config)
 
     with training_args.main_process_first(desc="tokenizing"):
         encoded = tokenize_pairs(raw, tokenizer, source_lang, target_lang, max_source_length, max_target_length,
@@ -197,7 +219,10 @@ def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args
     results = {"num_parameters": model.num_parameters(), "vocab_size": len(tokenizer),
                "train_pairs": len(encoded["train"]), "output_dir": training_args.output_dir}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        # Saved first: nothing after training (the translations, pictures, the card) can lose the weights.
+        trainer.save_model()  # model, tokenizer and generation config, on the main process only
+        trainer.save_state()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         results.update(train_result.metrics, global_step=train_result.global_step)
@@ -229,8 +254,7 @@ def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args
                        mt_args.num_examples_to_print, sources[printed_split])
 
     if training_args.do_train:
-        trainer.save_model()  # model, tokenizer and generation config, on the main process only
-        trainer.save_state()
+        trainer.save_state()  # again, with the evaluations in its log history
         add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
         # Of a pair of parallel files, the source-language file: its folder names the data set on the card.
         card = {"finetuned_from": model_args.model_name_or_path, "tasks": "translation",
@@ -338,8 +362,14 @@ def read_lines(path: str, encoding: str) -> list[str]:
     """The lines of a text file (gzip by its .gz suffix), split at "\\n" only: splitlines() would also split at
     characters such as U+2028 inside a sentence and misalign the pairs."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError; a cut-off file an EOFError
+        if not path.endswith(".gz"):
+            raise
+        raise DataError(f"{path}: not a whole gzip file ({type(error).__name__}: {error}); expected gzipped text, "
+                        f"one sentence per line. Re-download or re-compress it.") from None
     if not raw.strip():
         raise DataError(f"{path} is empty: expected one sentence per line.")
     text = decode(raw, path + (" (decompressed)" if path.endswith(".gz") else ""), encoding)

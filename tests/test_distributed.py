@@ -295,10 +295,13 @@ def test_fsdp2_matches_one_process_at_the_same_global_batch(fsdp_launch, one_pro
     assert max_difference(weights, saved_weights(one_process["causal"])) < TOLERANCE
 
 
-def test_fsdp2_saved_model_loads_and_generates_on_one_process(fsdp_launch):
+def test_fsdp2_saved_model_loads_and_generates_on_one_process(fsdp_launch, one_process):
     model = AutoModelForCausalLM.from_pretrained(fsdp_launch["causal"]).eval()
     assert isinstance(model, hf_blueprint.BlueprintDecoderForCausalLM)
-    assert AutoTokenizer.from_pretrained(fsdp_launch["causal"]) is not None
+    # The saved tokenizer is the run's: the one-process run's vocabulary, one embedding row per token.
+    tokenizer = AutoTokenizer.from_pretrained(fsdp_launch["causal"])
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(one_process["causal"]).get_vocab()
+    assert len(tokenizer) == model.config.vocab_size
     # The sharded model, generating on both ranks at once, and the gathered one here write the same tokens.
     generated = [rank["generated"] for rank in fsdp_launch["ranks"]]
     assert generated[0] == generated[1] == greedy_generate(model)
