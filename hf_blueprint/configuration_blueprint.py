@@ -68,6 +68,8 @@ SINGLE_FIELD_RULES = {
     **{field: lambda value: _positive_int(value, optional=True)
        for field in ("num_key_value_heads", "head_dim", "sliding_window")},
     "type_vocab_size": _count,
+    "attention_dilation": _positive_int,
+    "global_attention_tokens": lambda value: None if _count(value) is None else "must be an integer >= 0",
     **{field: _probability for field in ("hidden_dropout_prob", "attention_dropout", "activation_dropout",
                                          "word_dropout_prob")},
     "classifier_dropout": lambda value: _probability(value, optional=True),
@@ -128,7 +130,14 @@ class BlueprintConfig(PretrainedConfig):
         sliding_window: local attention. If set to W, a token attends only to the tokens less than W positions
             away, in every family: itself and the W - 1 before it in a causal stack (W keys, Mistral's meaning), W - 1
             on each side in a bidirectional one (2W - 1 keys). The encoder-decoder's cross-attention always sees the
-            whole source.
+            whole source. Long inputs take a block-sparse path whose time and memory grow linearly with the length
+            (`attn_implementation="block_sparse"` always; under sdpa from 8 window spans on).
+        attention_dilation: d > 1 spreads the window's W keys d positions apart (a span of W * d): the dilated
+            window of Longformer (Beltagy et al., 2020) and the strided pattern of the Sparse Transformer (Child et
+            al., 2019). Needs `sliding_window`. Decoding keeps every key (a cache of full layers).
+        global_attention_tokens: the first k tokens of each sequence attend to, and are attended by, every position
+            (causal: every later one), as Longformer's and BigBird's global tokens; the forward's
+            `global_attention_mask` (batch, sequence) marks more. Needs `sliding_window`. Decoding keeps every key.
 
     Regularization and init:
         hidden_dropout_prob: dropout on embeddings and on each sub-layer output before the residual add (P_drop).
@@ -197,6 +206,8 @@ class BlueprintConfig(PretrainedConfig):
     attention_bias: bool = False
     mlp_bias: bool = True
     sliding_window: int | None = None
+    attention_dilation: int = 1
+    global_attention_tokens: int = 0
     residual_connections: bool = True
 
     hidden_dropout_prob: float = 0.1
@@ -377,6 +388,13 @@ class BlueprintConfig(PretrainedConfig):
                 f"{name}.add_pooling_layer=True: the pooler is BERT's, for the encoder family; a decoder's sequence "
                 f"classifier pools with classifier_pooling instead."
             )
+        for field, value, neutral in (("attention_dilation", self.attention_dilation, 1),
+                                      ("global_attention_tokens", self.global_attention_tokens, 0)):
+            if value != neutral and self.sliding_window is None:
+                raise ValueError(
+                    f"{name}.{field}={value} shapes a local attention pattern, but sliding_window is None (every "
+                    f"token sees every other one already); set sliding_window too."
+                )
         if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
             raise ValueError(
                 f"{name}.head_dim is {self.head_dim}, but position_embedding_type='rope' rotates pairs of "

@@ -883,6 +883,11 @@ def to_transformers(model_or_folder, *, architecture: str | None = None, dtype=N
     problems = arch.problems(config, head)
     if not config.residual_connections:
         problems.append("residual_connections=False (every native architecture adds each sub-layer to its input)")
+    if config.attention_dilation != 1:
+        problems.append(f"attention_dilation={config.attention_dilation} (native sliding windows are contiguous)")
+    if config.global_attention_tokens:
+        problems.append(f"global_attention_tokens={config.global_attention_tokens} (no native decoder has global "
+                        f"tokens)")
     if problems:
         raise ConversionError(f"{native_class.__name__} cannot express this {type(source).__name__}: "
                               f"{'; '.join(problems)}.")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
@@ -39,6 +39,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, is_torchdynamo_compiling
@@ -64,14 +65,17 @@ from .modeling_checks import (
 )
 from .losses import causal_lm_loss, linear_cross_entropy, logits_are_computed
 from .packing import PackedSequences, find_packed_sequences, pool_segments
+from .sparse_attention import SparseAttentionPattern, sparse_attention_forward
 
 try:  # internal to transformers: signatures move between minor versions (GUIDE section 2)
     from transformers.masking_utils import (
+        AttentionMaskInterface,
         and_masks,
         create_bidirectional_mask,
         create_causal_mask,
         create_sliding_window_causal_mask,
         packed_sequence_mask_function,
+        sdpa_mask,
     )
     from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 except ImportError as error:  # pragma: no cover - depends on the installed transformers
@@ -256,6 +260,42 @@ def bidirectional_window_overlay(sliding_window: int) -> Callable:
     return within_window
 
 
+def sparse_pattern_overlay(window: int, dilation: int, causal: bool, global_tokens: torch.Tensor | None) -> Callable:
+    """The dilated window with global tokens as a mask function of transformers' builders (True = attend), in the
+    keys' absolute indices (a cache's included): the keys a step back in multiples of `dilation` and less than
+    `window` steps away, and any key or query marked in `global_tokens` (batch, keys). The causal builder adds
+    causality, so a global query never sees the future. `sparse_attention.pattern_mask_mod` is the same pattern."""
+
+    def visible(batch_idx, head_idx, q_idx, kv_idx):
+        distance = q_idx - kv_idx
+        steps = distance // dilation
+        in_window = ((steps >= 0) & (steps < window)) if causal else (abs(steps) < window)
+        allowed = (distance % dilation == 0) & in_window
+        if global_tokens is not None:
+            allowed = allowed | global_tokens[batch_idx, kv_idx] | global_tokens[batch_idx, q_idx]
+        return allowed
+
+    return visible
+
+
+def attention_with_patterns(module, query, key, value, attention_mask, **kwargs):
+    """The `block_sparse` attention implementation: a SparseAttentionPattern runs the block path of
+    sparse_attention.py, a dense mask (a decoding step with a cache) sdpa."""
+    if isinstance(attention_mask, SparseAttentionPattern):
+        return sparse_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Under sdpa, local attention takes the block path from this many window spans on: below it, full attention's fused
+# kernel is faster (measured crossover about 8 spans at window 256; docs/BENCHMARKS.md).
+BLOCK_PATH_MIN_SPANS = 8
+
+# Local and sparse attention as an attention implementation of its own (`attn_implementation="block_sparse"`): the
+# block path wherever a step can take it, sdpa with the dense mask elsewhere (so its masks are sdpa's).
+AttentionInterface.register("block_sparse", attention_with_patterns)
+AttentionMaskInterface.register("block_sparse", sdpa_mask)
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_h) W^O with head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 
@@ -312,6 +352,11 @@ class MultiHeadAttention(nn.Module):
         if kwargs.get("output_attentions", self.config.output_attentions) or implementation == "eager":
             # Only the eager path materializes the weights; it understands sdpa's masks too.
             attention_interface: Callable = eager_attention_forward
+        elif isinstance(attention_mask, SparseAttentionPattern) or (
+            isinstance(attention_mask, PackedSequences) and isinstance(attention_mask.attention_mask,
+                                                                       SparseAttentionPattern)
+        ):
+            attention_interface = sparse_attention_forward  # the trunk chose the block path for this step
         else:
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
@@ -615,6 +660,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         use_cache: bool | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        global_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast | BaseModelOutputWithPooling | BaseModelOutputWithPastAndCrossAttentions:
         check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, cache,
@@ -638,7 +684,8 @@ class BlueprintModel(BlueprintPreTrainedModel):
         hidden_states = self.embed(inputs_embeds, token_type_ids, position_ids)
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         self_attention_mask, position_bias = self.self_attention_inputs(
-            hidden_states, attention_mask, cache, position_ids, packed_sequences, output_attentions
+            hidden_states, attention_mask, cache, past_length, position_ids, packed_sequences, output_attentions,
+            global_attention_mask,
         )
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
         if self.has_cross_attention:
@@ -682,6 +729,8 @@ class BlueprintModel(BlueprintPreTrainedModel):
         return self.dropout(hidden_states) if self.training else hidden_states
 
     def new_cache(self) -> Cache:
+        if self.config.attention_dilation > 1 or self.config.global_attention_tokens > 0:
+            return DynamicCache()  # full layers: the pattern reaches past the last `sliding_window` keys
         return DynamicCache(config=self.config.get_text_config(decoder=True))  # sized for this stack's depth
 
     @staticmethod
@@ -694,28 +743,102 @@ class BlueprintModel(BlueprintPreTrainedModel):
         # torch.export / torch.compile cannot trace an arange whose bounds are data.
         return (torch.arange(seq_len, device=device) + past_length).unsqueeze(0)
 
-    def self_attention_inputs(self, hidden_states, attention_mask, cache, position_ids, packed_sequences,
-                              output_attentions):
-        """The self-attention mask in the attention implementation's format (None when nothing is masked), and
-        ALiBi's distance bias (None without ALiBi)."""
-        if packed_sequences is not None and self.config._attn_implementation in ("sdpa", "eager") \
+    def self_attention_inputs(self, hidden_states, attention_mask, cache, past_length, position_ids,
+                              packed_sequences, output_attentions, global_attention_mask):
+        """The self-attention mask of this step and ALiBi's distance bias (None without ALiBi). The mask is a
+        SparseAttentionPattern where local attention takes its block path, else a mask in the attention
+        implementation's format (None when nothing is masked)."""
+        config = self.config
+        seq_len = hidden_states.shape[1]
+        global_tokens = self.global_tokens(attention_mask, past_length, position_ids, global_attention_mask)
+        blocks = self.takes_block_path(seq_len, past_length, output_attentions)
+        if packed_sequences is not None and config._attn_implementation in ("sdpa", "eager", "block_sparse") \
                 and not output_attentions and not is_torchdynamo_compiling():
             # Attention per packed sequence (PackedSequences) instead of over the whole row with a block-diagonal
             # mask; output_attentions keeps the row's (query, key) layout, torch.compile the static shapes of the mask.
             packed = PackedSequences(packed_sequences)
+            if global_tokens is not None:
+                global_tokens = global_tokens.expand(hidden_states.shape[0], -1).reshape(-1)[packed.token_index]
+                global_tokens = global_tokens & packed.is_token
+            if blocks:
+                packed.attention_mask = self.sparse_pattern(packed.is_token, packed.positions, global_tokens)
+                return packed, None
             packed.attention_mask = self.build_attention_mask(
-                hidden_states.new_empty(*packed.is_token.shape, 0), packed.is_token, None, packed.positions, None
+                hidden_states.new_empty(*packed.is_token.shape, 0), packed.is_token, None, packed.positions, None,
+                global_tokens,
             )
             bias = None if self.alibi is None else self.alibi(packed.positions, packed.positions, hidden_states.dtype)
             return packed, bias
-        mask = self.build_attention_mask(hidden_states, attention_mask, cache, position_ids, packed_sequences)
+        if blocks:
+            padding = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+            if global_tokens is not None:
+                global_tokens = global_tokens.expand(hidden_states.shape[0], -1)
+            return self.sparse_pattern(padding, position_ids, global_tokens), None
+        mask = self.build_attention_mask(hidden_states, attention_mask, cache, position_ids, packed_sequences,
+                                         global_tokens)
         bias = self.alibi_bias(cache, position_ids, hidden_states) if self.alibi is not None else None
         return mask, bias
 
-    def build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences):
+    def takes_block_path(self, seq_len, past_length, output_attentions) -> bool:
+        """Local attention runs block by block (sparse_attention.py: time and memory linear in the length) when
+        asked for (`attn_implementation="block_sparse"`), or under sdpa once the sequence is long enough to gain
+        (BLOCK_PATH_MIN_SPANS windows); never for a decoding step (a cache already holds keys), for
+        output_attentions (which needs the dense weights) or under torch.compile (the block path is not traceable)."""
+        config = self.config
+        if config.sliding_window is None or output_attentions or is_torchdynamo_compiling() or past_length != 0:
+            return False
+        span = config.sliding_window * config.attention_dilation
+        implementation = config._attn_implementation
+        return implementation == "block_sparse" or (implementation == "sdpa" and seq_len >= BLOCK_PATH_MIN_SPANS * span)
+
+    def sparse_pattern(self, key_padding_mask, positions, global_tokens) -> SparseAttentionPattern:
+        config = self.config
+        return SparseAttentionPattern(
+            window=config.sliding_window, causal=self.is_causal, dilation=config.attention_dilation,
+            global_mask=global_tokens, key_padding_mask=key_padding_mask,
+            positions=positions if self.alibi is not None else None,
+            alibi_slopes=self.alibi.slopes if self.alibi is not None else None,
+        )
+
+    def global_tokens(self, attention_mask, past_length, position_ids, global_attention_mask):
+        """Which tokens are global, (batch or 1, keys so far): the first `global_attention_tokens` of each sequence
+        (by position, so left padding does not shift them) and those `global_attention_mask` marks. None without."""
+        first = self.config.global_attention_tokens
+        if global_attention_mask is not None:
+            if self.config.sliding_window is None:
+                raise ValueError(f"{type(self).__name__}: `global_attention_mask` marks the global tokens of a sparse "
+                                 f"pattern, but this model has no sliding_window: every token already sees all.")
+            if past_length != 0:
+                raise ValueError(f"{type(self).__name__}: `global_attention_mask` is for a forward without cached "
+                                 f"keys; a decoding step with a cache takes `global_attention_tokens` (the first "
+                                 f"tokens of each sequence) only.")
+        if first == 0:
+            return None if global_attention_mask is None else global_attention_mask.bool()
+        if past_length != 0 and attention_mask is not None and attention_mask.dim() == 2:
+            positions = attention_mask.long().cumsum(-1) - 1  # every key so far, cached ones included
+        elif past_length != 0:
+            positions = torch.arange(past_length + position_ids.shape[-1], device=position_ids.device)[None]
+        else:
+            positions = position_ids
+        tokens = positions < first
+        if attention_mask is not None and attention_mask.dim() == 2:
+            tokens = tokens & attention_mask.bool()
+        return tokens if global_attention_mask is None else tokens | global_attention_mask.bool()
+
+    def build_attention_mask(self, hidden_states, attention_mask, cache, position_ids, packed_sequences,
+                             global_tokens=None):
         """The mask in the format of the configured attention implementation; None when nothing is masked."""
         config = self.config
+        pattern = None
+        if config.sliding_window is not None and (config.attention_dilation > 1 or global_tokens is not None):
+            if global_tokens is not None:
+                global_tokens = global_tokens.expand(hidden_states.shape[0], -1)
+            pattern = sparse_pattern_overlay(config.sliding_window, config.attention_dilation, self.is_causal,
+                                             global_tokens)
         if self.is_causal:
+            if pattern is not None:  # the dilated window / global tokens, over the keys of a full cache
+                return create_causal_mask(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                                          cache=cache, position_ids=position_ids, and_mask_function=pattern)
             build = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
             return build(
                 config=config,
@@ -728,7 +851,9 @@ class BlueprintModel(BlueprintPreTrainedModel):
         restrictions = []
         if packed_sequences is not None:
             restrictions.append(packed_sequence_mask_function(packed_sequences))
-        if config.sliding_window is not None:
+        if pattern is not None:
+            restrictions.append(pattern)
+        elif config.sliding_window is not None:
             # transformers' bidirectional window builder keeps distances <= W (2W + 1 keys); the Blueprint's window is
             # one meaning in every family, distance < W (W keys causal, 2W - 1 bidirectional), as flash-attention's.
             restrictions.append(bidirectional_window_overlay(config.sliding_window))
@@ -739,7 +864,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
 
     def alibi_bias(self, cache, position_ids, hidden_states) -> torch.Tensor:
         implementation = self.config._attn_implementation
-        if implementation not in ("eager", "sdpa"):
+        if implementation not in ("eager", "sdpa", "block_sparse"):
             raise ValueError(
                 f"position_embedding_type='alibi' adds a bias to the attention scores, which the "
                 f"'{implementation}' attention implementation cannot take; use attn_implementation='sdpa' or 'eager'."
@@ -1216,24 +1341,6 @@ class BlueprintForConditionalGeneration(BlueprintPreTrainedModel, GenerationChec
 
     def get_decoder(self) -> BlueprintSeq2SeqDecoder:
         return self.model.decoder
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() builds the cross-attention cache from the decoder config, so with `sliding_window` set it would
-        keep only the last keys of the source. Cross-attention reads the whole source: give it full layers (as
-        transformers' T5Gemma does)."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
-        if self.config.sliding_window is None or not isinstance(cache, EncoderDecoderCache) or any(
-            cache.is_updated.values()
-        ):
-            return
-        full_attention = copy.deepcopy(self.config.get_text_config(decoder=True))
-        full_attention.sliding_window = None
-        if isinstance(cache.cross_attention_cache, StaticCache):
-            source_length = model_kwargs["encoder_outputs"][0].shape[1]
-            cache.cross_attention_cache = StaticCache(config=full_attention, max_cache_len=source_length)
-        else:
-            cache.cross_attention_cache = DynamicCache()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by DataCollatorForSeq2Seq to build `decoder_input_ids` in the collator."""

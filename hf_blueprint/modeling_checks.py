@@ -4,18 +4,21 @@ for a misspelled keyword, a TypeError) that names the argument and what was expe
 - `reject_unknown_kwargs`, `accepts_past_key_values`: the keywords a forward takes.
 - `check_inputs`, `check_attention_mask_keys`, `check_positions`: ids, masks and positions of a forward.
 - `check_label_values`, `has_targets`, `zero_loss`: labels of the heads, and a batch with nothing to predict.
-- `GenerationChecks`: generate() arguments, checked before the first decoding step.
+- `GenerationChecks`: generate() arguments, checked before the first decoding step, and the caches the attention
+  pattern needs.
 - `CheckedLoading`: from_pretrained that names a damaged weights file and refuses NaN/inf weights.
 
 Shipped as Hub remote code beside modeling_blueprint.py: it may import only torch, transformers and its siblings.
 """
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
 
 import torch
 
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.utils import TransformersKwargs, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
@@ -274,6 +277,54 @@ class GenerationChecks:
                                  f"{vocab_size}): the model can never produce it (a preset's ids with a smaller "
                                  f"vocabulary?). Set model.generation_config.{field} to an id of this vocabulary.")
         return generation_config, model_kwargs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds its caches from the decoder config, whose `sliding_window` gives sliding layers that keep
+        the last W - 1 keys. Two attentions need more: cross-attention reads the whole source (full layers, as
+        transformers' T5Gemma does), and a dilated window or global tokens reach past the last W keys (full layers
+        for self-attention; a static cache, sized for the window, is refused)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        config, cache = self.config, model_kwargs.get("cache")
+        if config.sliding_window is None or cache is None:
+            return
+        if isinstance(cache, EncoderDecoderCache) and any(cache.is_updated.values()):
+            return  # in use already
+        reaches_far = config.attention_dilation > 1 or config.global_attention_tokens > 0
+        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if reaches_far and isinstance(self_attention, StaticCache):
+            raise ValueError(
+                f"generate(): a static cache keeps the last sliding_window={config.sliding_window} keys, but "
+                f"attention_dilation={config.attention_dilation} / global_attention_tokens="
+                f"{config.global_attention_tokens} reach further back; use the dynamic cache (the default)."
+            )
+        if reaches_far and self_attention.get_seq_length() == 0:
+            self_attention = DynamicCache()
+        if isinstance(cache, EncoderDecoderCache):
+            cross_attention = cache.cross_attention_cache
+            if isinstance(cross_attention, StaticCache):
+                full_attention = copy.deepcopy(config.get_text_config(decoder=True))
+                full_attention.sliding_window = None
+                source_length = model_kwargs["encoder_outputs"][0].shape[1]
+                cross_attention = StaticCache(config=full_attention, max_cache_len=source_length)
+            else:
+                cross_attention = DynamicCache()
+            model_kwargs["cache"] = EncoderDecoderCache(self_attention, cross_attention)
+        else:
+            model_kwargs["cache"] = self_attention
+
+    def _prepare_text_encoder_decoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, *args, **kwargs):
+        """generate() hands an encoder that takes **kwargs (the Blueprint stacks do, to pass attention keywords on)
+        every model keyword that is not the decoder's, `labels` included (Seq2SeqTrainer passes them). The encoder
+        refuses keywords it does not read, so it gets the ones it reads; the others stay for the rest of generate()."""
+        reads = set(inspect.signature(self.get_encoder().forward).parameters) | PASS_THROUGH_KWARGS
+        decoder_side = ("decoder_", "cross_attn", "use_cache", "cache")  # generate() keeps these from the encoder
+        held_back = {name: model_kwargs.pop(name) for name in list(model_kwargs)
+                     if name not in reads and not name.startswith(decoder_side)}
+        model_kwargs = super()._prepare_text_encoder_decoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, *args, **kwargs
+        )
+        model_kwargs.update(held_back)
+        return model_kwargs
 
     def _prepare_model_inputs(self, *args, **kwargs):
         inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)

@@ -148,15 +148,18 @@ def test_installed_package_takes_precedence_over_remote_code(saved_folders):
 
 
 # Network and process access is excluded by the module list; these catch code execution and file writes.
-FORBIDDEN_CALLS = {"open", "eval", "exec", "compile", "__import__", "system", "popen", "urlopen", "remove", "unlink",
-                   "rmtree", "write_text", "write_bytes", "mkdir", "rename"}
+FORBIDDEN_BUILTINS = {"open", "eval", "exec", "compile", "__import__"}  # as bare calls (torch.compile is fine)
+FORBIDDEN_CALLS = {"system", "popen", "urlopen", "remove", "unlink", "rmtree", "write_text", "write_bytes", "mkdir",
+                   "rename"}
 FORBIDDEN_MODULES = {"os", "subprocess", "socket", "urllib", "requests", "httpx", "shutil", "pickle", "pathlib",
                      "huggingface_hub", "importlib", "ctypes"}
 
 
+SAFE_STANDARD_MODULES = {"torch", "transformers", "math", "collections", "typing", "inspect", "copy", "functools",
+                         "contextlib", "dataclasses"}
 # The code every saved folder carries: the config and model files and the siblings they import.
 REMOTE_CODE_FILES = {"configuration_blueprint.py", "losses.py", "modeling_blueprint.py", "modeling_checks.py", "packing.py",
-                     "presets.py"}
+                     "presets.py", "sparse_attention.py"}
 
 
 @pytest.mark.parametrize("filename", sorted(REMOTE_CODE_FILES))
@@ -179,19 +182,19 @@ def test_remote_code_files_import_only_torch_transformers_and_siblings(filename,
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 # inspect: read-only introspection (the heads store forward's signature for generate());
-                # copy, functools: deep copies of configs and decorators, no I/O.
-                assert alias.name.split(".")[0] in {"torch", "transformers", "math", "collections", "typing",
-                                                    "inspect", "copy", "functools"}, alias.name
+                # copy, functools, contextlib, dataclasses: copies, decorators, context managers, no I/O.
+                assert alias.name.split(".")[0] in SAFE_STANDARD_MODULES, alias.name
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 root = node.module.split(".")[0]
-                assert root in {"torch", "transformers", "math", "collections", "typing"}, node.module
+                assert root in SAFE_STANDARD_MODULES, node.module
                 assert root not in FORBIDDEN_MODULES
             else:
                 assert node.level == 1 and (folder / f"{node.module}.py").is_file(), node.module
         elif isinstance(node, ast.Call):
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             assert name not in FORBIDDEN_CALLS, f"{filename}:{node.lineno} calls {name}"
+            assert not (isinstance(node.func, ast.Name) and name in FORBIDDEN_BUILTINS), f"{filename}:{node.lineno}"
 
 
 # -- push/pull round trip over HTTP against tests/hub_server.py ------------------------------------------------------
