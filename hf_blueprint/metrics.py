@@ -1,4 +1,4 @@
-"""Metrics for the recipes, through `evaluate`, from the metric modules shipped in `hf_blueprint/metrics/`.
+"""Metrics for the recipes, through `evaluate`, from the metric modules shipped in `hf_blueprint/evaluate_modules/`.
 
 `evaluate.load("accuracy")` fetches the module from the Hub; `evaluate.load(<local folder>)` does not. The package
 therefore ships its own modules in evaluate's format (accuracy, macro-F1, perplexity, computed with numpy; BLEU,
@@ -20,7 +20,7 @@ import torch
 from transformers import EvalPrediction
 
 
-METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+METRICS_DIR = Path(__file__).resolve().parent / "evaluate_modules"
 METRIC_NAMES = ("accuracy", "f1", "perplexity", "sacrebleu")
 IGNORE_INDEX = -100
 

@@ -15,7 +15,6 @@ This file is architecture only. Input and generation checks live in `modeling_ch
 `packing.py`. All three are shipped as Hub remote code: they may import only torch, transformers and each other.
 """
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -25,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,

@@ -38,6 +38,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from .callbacks import GradientNormCallback
 from .data import DataError, iterate_texts
 from .tokenizer import TOKENIZER_TYPES, special_tokens_per_text, train_tokenizer
 from .training_guards import (
@@ -115,6 +116,27 @@ class ModelArguments:
                           "(naming the step), 'skip' drops that update and trains on (giving up after 10 in a row), "
                           "'off' trains on as the stock Trainer does.", "choices": ["stop", "skip", "off"]},
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention implementation: sdpa (default), eager, block_sparse (local attention block by "
+                          "block, linear in the length: with sliding_window), flash_attention_2 or flex_attention "
+                          "where installed."},
+    )
+    tp_size: int = field(
+        default=1,
+        metadata={"help": "Tensor parallelism: shard every layer over this many ranks as --model_name_or_path is "
+                          "loaded (launch as many processes; see recipes/accelerate/tp.yaml)."},
+    )
+    log_layer_grad_norms: bool = field(
+        default=False,
+        metadata={"help": "Log the gradient norm of the embeddings, of every block and of the head at each logging "
+                          "step (grad_norm/layer_<i> in trainer_state.json), e.g. for the ablations of residual "
+                          "connections and normalization."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"--tp_size must be a positive integer, got {self.tp_size!r}.")
 
 
 @dataclass
@@ -354,10 +376,12 @@ def check_resume_config(training_args, checkpoint: str | None, config: Pretraine
 
 
 def training_callbacks(model_args: ModelArguments) -> list:
-    """The callbacks every recipe gives its Trainer: the non-finite loss guard (`--nonfinite_loss`)."""
-    if model_args.nonfinite_loss == "off":
-        return []
-    return [NonFiniteLossCallback(policy=model_args.nonfinite_loss)]
+    """The callbacks every recipe gives its Trainer: the non-finite loss guard (`--nonfinite_loss`) and the per-layer
+    gradient norms (`--log_layer_grad_norms`)."""
+    callbacks = [] if model_args.nonfinite_loss == "off" else [NonFiniteLossCallback(policy=model_args.nonfinite_loss)]
+    if model_args.log_layer_grad_norms:
+        callbacks.append(GradientNormCallback())
+    return callbacks
 
 
 def predict_in_order(trainer, dataset, **kwargs):

@@ -31,7 +31,6 @@ instead of being padded to the longest, for the same per-example logits and loss
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +39,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     Trainer,
-    set_seed,
 )
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
@@ -56,25 +54,20 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import classification_metrics
-from hf_blueprint.model_card import use_blueprint_model_card
-from hf_blueprint.visualize import add_training_curves
+from hf_blueprint.recipe_run import end_run, evaluate_validation, load_model, record_metrics, start_run
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
     RecipeTrainingArguments,
     build_config,
-    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
     predict_in_order,
-    prepare_run,
     require_positive_length,
     sequence_length,
-    setup_logging,
     training_callbacks,
 )
-from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -125,10 +118,7 @@ def main(argv=None):
 
 def run(model_args: ModelArguments, data_args: DataArguments, cls_args: ClassificationArguments,
         training_args: RecipeTrainingArguments) -> dict:
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    started = time.perf_counter()
-    checkpoint = prepare_run(training_args)
+    run = start_run(training_args)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=False, seed=training_args.seed, cache_dir=model_args.cache_dir,
@@ -163,15 +153,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
     tokenizer.model_max_length = max_seq_length
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id  # "last" pooling finds the last real token by it
-    if model_args.model_name_or_path:
-        # The encoder/decoder body loads from the checkpoint; the classification head starts fresh (logged).
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, token=model_args.token
-        )
-    else:
-        model = AutoModelForSequenceClassification.from_config(config)
-    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
-    check_resume_config(training_args, checkpoint, model.config)
+    # From a checkpoint, the encoder/decoder body loads and the classification head starts fresh (logged).
+    model = load_model(AutoModelForSequenceClassification, model_args, config, tokenizer, run)
 
     with training_args.main_process_first(desc="tokenizing"):
         encoded = tokenize_texts(map_labels(raw, label_column, label2id), tokenizer, text_columns, data_args.preprocessing_num_workers,
@@ -189,44 +172,21 @@ def run(model_args: ModelArguments, data_args: DataArguments, cls_args: Classifi
         compute_metrics=classification_metrics(),
         callbacks=training_callbacks(model_args),
     )
-    use_blueprint_model_card(trainer, task="text-classification")  # the card create_model_card and push_to_hub write
+
+    def evaluate_and_test(trainer, results):
+        evaluate_validation(trainer, results)
+        if "test" not in encoded:
+            return
+        if unlabeled_test:
+            results["test_predictions_file"] = _write_predictions(trainer, encoded["test"], id2label, training_args)
+        else:
+            record_metrics(trainer, "test", trainer.evaluate(encoded["test"], metric_key_prefix="test"), results)
 
     results = {"num_parameters": model.num_parameters(), "num_labels": len(id2label), "family": family,
                "train_examples": len(encoded["train"]), "output_dir": training_args.output_dir,
                "batches": "padding-free (examples packed into one row)" if cls_args.padding_free else "padded"}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # Saved first: nothing after training (evaluation, predictions, pictures, the card) can lose the weights.
-        trainer.save_model()
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results.update(train_result.metrics, global_step=train_result.global_step)
-    if has_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-    if "test" in encoded:
-        if unlabeled_test:
-            results["test_predictions_file"] = _write_predictions(trainer, encoded["test"], id2label, training_args)
-        else:
-            metrics = trainer.evaluate(encoded["test"], metric_key_prefix="test")
-            trainer.log_metrics("test", metrics)
-            trainer.save_metrics("test", metrics)
-            results.update(metrics)
-
-    if training_args.do_train:
-        trainer.save_state()  # again, with the evaluations in its log history
-        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
-        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification",
-                "dataset": data_args.dataset_name or sources.get("train")}
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
-        else:
-            trainer.create_model_card(**card)
-
-    results["wall_seconds"] = time.perf_counter() - started
+    end_run(trainer, run, results, task="text-classification", model_args=model_args,
+            data_source=data_args.dataset_name or sources.get("train"), evaluate=evaluate_and_test)
     if trainer.is_world_process_zero():
         print(format_summary("finetune_classification", _summary_rows(results, sources, id2label, model_args)))
     return results

@@ -23,11 +23,10 @@ Any Trainer flag works (`--push_to_hub`, `--resume_from_checkpoint true`, ...); 
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.data import (
@@ -40,26 +39,19 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import language_model_metrics
-from hf_blueprint.model_card import use_blueprint_model_card
-from hf_blueprint.visualize import add_training_curves
+from hf_blueprint.recipe_run import end_run, evaluate_validation, load_model, start_run
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
     RecipeTrainingArguments,
     build_config,
-    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
-    perplexity_of,
-    prepare_run,
     require_positive_length,
-    resume_checkpoint,
     sequence_length,
-    setup_logging,
     training_callbacks,
 )
-from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -124,10 +116,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     """Trains, saves, evaluates and samples; returns the metrics, the sample and the sizes. `report` prints the
     summary table (the quickstart prints its own); `output_dir_checked`: the caller ran `prepare_run` already (the
     quickstart, which writes its tokenizer into the folder first)."""
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    started = time.perf_counter()
-    checkpoint = resume_checkpoint(training_args) if output_dir_checked else prepare_run(training_args)
+    run = start_run(training_args, output_dir_checked)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=True, seed=training_args.seed, cache_dir=model_args.cache_dir,
@@ -140,14 +129,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
 
     tokenizer = load_or_train_tokenizer(model_args, raw["train"], [text_column], family="decoder")
     config = build_config(model_args, tokenizer)
-    if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                     cache_dir=model_args.cache_dir, token=model_args.token)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
-    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
+    model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, run)
     block_size = sequence_length(lm_args.block_size, config, default=1024, flag="--block_size")
-    check_resume_config(training_args, checkpoint, model.config)
     configure_generation(model, tokenizer, lm_args)  # before training: the final save writes it
 
     with training_args.main_process_first(desc="tokenizing and packing"):
@@ -171,48 +154,23 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
         preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
         callbacks=training_callbacks(model_args),
     )
-    use_blueprint_model_card(trainer, task="text-generation")  # the card create_model_card and push_to_hub write
+
+    def evaluate_and_sample(trainer, results):
+        evaluate_validation(trainer, results)
+        prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
+        # Sharded parameters (FSDP, DeepSpeed ZeRO-3) are gathered layer by layer during each forward, so every rank
+        # must generate in step with the others (same seed, same tokens); otherwise rank 0 alone samples.
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or (trainer.model.tp_size or 1) > 1
+        if lm_args.sample_max_new_tokens > 0 and (sharded or trainer.is_world_process_zero()):
+            sample = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
+            if trainer.is_world_process_zero():
+                results.update(prompt=prompt, sample=sample)
+                logger.info(f"Sample:\n{prompt}{sample}")
 
     results = {"num_parameters": model.num_parameters(), "train_blocks": len(blocks["train"]),
                "block_size": block_size, "output_dir": training_args.output_dir}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # Saved first: nothing after training (evaluation, sampling, pictures, the card) can lose the weights.
-        trainer.save_model()  # model, tokenizer and generation config, on the main process only
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results.update(train_result.metrics, global_step=train_result.global_step)
-    if has_eval:
-        metrics = trainer.evaluate()
-        # eval_loss averages per-batch means; eval_perplexity is per token over every scored token. With full blocks
-        # they agree, which the tests check.
-        metrics["eval_loss_perplexity"] = perplexity_of(metrics["eval_loss"])
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-
-    prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
-    # Sharded parameters (FSDP, DeepSpeed ZeRO-3) are gathered layer by layer during each forward, so every rank must
-    # generate in step with the others (same seed, same tokens); otherwise rank 0 alone samples.
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    if lm_args.sample_max_new_tokens > 0 and (sharded or trainer.is_world_process_zero()):
-        sample = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
-        if trainer.is_world_process_zero():
-            results.update(prompt=prompt, sample=sample)
-            logger.info(f"Sample:\n{prompt}{sample}")
-
-    if training_args.do_train:
-        trainer.save_state()  # again, with the evaluation in its log history
-        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
-        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation",
-                "dataset": data_args.dataset_name or sources.get("train")}
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
-        else:
-            trainer.create_model_card(**card)
-
-    results["wall_seconds"] = time.perf_counter() - started
+    end_run(trainer, run, results, task="text-generation", model_args=model_args,
+            data_source=data_args.dataset_name or sources.get("train"), evaluate=evaluate_and_sample)
     if report and trainer.is_world_process_zero():
         print(format_summary("pretrain_causal_lm", _summary_rows(results, sources)))
     return results

@@ -21,14 +21,12 @@ longest (same masking, same per-token loss, no computation on the padding):
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 from transformers import (
     AutoModelForMaskedLM,
     DataCollatorForLanguageModeling,
     Trainer,
-    set_seed,
 )
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
@@ -43,24 +41,19 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import language_model_metrics
-from hf_blueprint.model_card import use_blueprint_model_card
-from hf_blueprint.visualize import add_training_curves
+from hf_blueprint.recipe_run import end_run, load_model, start_run
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
     RecipeTrainingArguments,
     build_config,
-    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
-    prepare_run,
     require_positive_length,
     sequence_length,
-    setup_logging,
     training_callbacks,
 )
-from hf_blueprint.training_guards import check_tokenizer_fits_model
 
 
 logger = logging.getLogger(__name__)
@@ -129,10 +122,7 @@ def main(argv=None):
 
 def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLMArguments,
         training_args: RecipeTrainingArguments) -> dict:
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    started = time.perf_counter()
-    checkpoint = prepare_run(training_args)
+    run = start_run(training_args)
 
     raw, sources = load_raw_datasets(
         data_args, contiguous_validation=not mlm_args.line_by_line, seed=training_args.seed,
@@ -149,14 +139,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         raise ValueError(f"Masked LM needs a tokenizer with a mask and a pad token; {type(tokenizer).__name__} has "
                          f"mask_token={tokenizer.mask_token!r}, pad_token={tokenizer.pad_token!r}.")
     config = build_config(model_args, tokenizer)
-    if model_args.model_name_or_path:
-        model = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                     cache_dir=model_args.cache_dir, token=model_args.token)
-    else:
-        model = AutoModelForMaskedLM.from_config(config)
-    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
+    model = load_model(AutoModelForMaskedLM, model_args, config, tokenizer, run)
     max_seq_length = sequence_length(mlm_args.max_seq_length, config, default=512, flag="--max_seq_length")
-    check_resume_config(training_args, checkpoint, model.config)
 
     with training_args.main_process_first(desc="tokenizing"):
         if mlm_args.line_by_line:
@@ -191,35 +175,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, mlm_args: MaskedLM
         preprocess_logits_for_metrics=preprocess_logits if has_eval else None,
         callbacks=training_callbacks(model_args),
     )
-    use_blueprint_model_card(trainer, task="fill-mask")  # the card create_model_card and push_to_hub write
-
     results = {"num_parameters": model.num_parameters(), "train_examples": len(examples["train"]),
                "max_seq_length": max_seq_length, "output_dir": training_args.output_dir}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # Saved first: nothing after training (evaluation, pictures, the card) can lose the weights.
-        trainer.save_model()
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results.update(train_result.metrics, global_step=train_result.global_step)
-    if has_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-
-    if training_args.do_train:
-        trainer.save_state()  # again, with the evaluation in its log history
-        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
-        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "fill-mask",
-                "dataset": data_args.dataset_name or sources.get("train")}
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
-        else:
-            trainer.create_model_card(**card)
-
-    results["wall_seconds"] = time.perf_counter() - started
+    end_run(trainer, run, results, task="fill-mask", model_args=model_args,
+            data_source=data_args.dataset_name or sources.get("train"))
     if trainer.is_world_process_zero():
         print(format_summary("pretrain_masked_lm", _summary_rows(results, sources, mlm_args)))
     return results

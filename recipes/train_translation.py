@@ -32,7 +32,6 @@ import gzip
 import logging
 import math
 import os
-import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -41,7 +40,6 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
     Seq2SeqTrainer,
-    set_seed,
 )
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
@@ -58,25 +56,20 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import TranslationMetrics
-from hf_blueprint.model_card import use_blueprint_model_card
+from hf_blueprint.recipe_run import end_run, load_model, record_metrics, start_run
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
     RecipeSeq2SeqTrainingArguments,
     build_config,
-    check_resume_config,
     format_summary,
     load_or_train_tokenizer,
     parse_args,
     predict_in_order,
-    prepare_run,
     require_positive_length,
     sequence_length,
-    setup_logging,
     training_callbacks,
 )
-from hf_blueprint.training_guards import check_tokenizer_fits_model
-from hf_blueprint.visualize import add_training_curves
 
 
 logger = logging.getLogger(__name__)
@@ -156,14 +149,11 @@ def main(argv=None):
 
 def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args: TranslationArguments,
         training_args: RecipeSeq2SeqTrainingArguments) -> dict:
-    setup_logging(training_args)
-    set_seed(training_args.seed)
-    started = time.perf_counter()
     # The decoding of the evaluations during training, checked before the first one.
     require_positive_length(training_args.generation_num_beams, "--generation_num_beams")
     require_positive_length(training_args.generation_max_length, "--generation_max_length", minimum=2,
                             why=" (the decoder start token and one more)")
-    checkpoint = prepare_run(training_args)
+    run = start_run(training_args)
     source_lang, target_lang = mt_args.source_lang, mt_args.target_lang
 
     raw, sources = load_translation_data(data_args, mt_args, seed=training_args.seed, model_args=model_args)
@@ -181,17 +171,11 @@ def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args
     # The decoder starts from the end-of-text token, as fairseq's and Marian's do.
     fixed = {"decoder_start_token_id": tokenizer.bos_token_id} if from_scratch else {}
     config = build_config(model_args, tokenizer, **fixed)
-    if from_scratch:
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, config=config,
-                                                      cache_dir=model_args.cache_dir, token=model_args.token)
-    check_tokenizer_fits_model(tokenizer, model)  # a --tokenizer_name larger than the checkpoint's vocab
+    model = load_model(AutoModelForSeq2SeqLM, model_args, config, tokenizer, run)
     max_source_length = sequence_length(mt_args.max_source_length, config, default=128, flag="--max_source_length")
     max_target_length = sequence_length(mt_args.max_target_length, config, default=128, flag="--max_target_length")
     tokenizer.model_max_length = max_source_length
     configure_generation(model, tokenizer, mt_args, max_target_length)
-    check_resume_config(training_args, checkpoint, model.config)
 
     with training_args.main_process_first(desc="tokenizing"):
         encoded = tokenize_pairs(raw, tokenizer, source_lang, target_lang, max_source_length, max_target_length,
@@ -214,57 +198,38 @@ def run(model_args: TranslationModelArguments, data_args: DataArguments, mt_args
         compute_metrics=metrics_fn if generate else None,
         callbacks=training_callbacks(model_args),
     )
-    use_blueprint_model_card(trainer, task="translation")  # the card create_model_card and push_to_hub write
+
+    def translate_and_score(trainer, results):
+        printed_split = None
+        for split, prefix in (("validation", "eval"), ("test", "test")):
+            if split not in encoded or (split == "validation" and not has_eval):
+                continue
+            # num_beams explicitly: Seq2SeqTrainer would otherwise take --generation_num_beams, meant for the
+            # (cheaper) evaluations during training, over the model's own setting. In order: the translations are
+            # written out.
+            output = predict_in_order(trainer, encoded[split], metric_key_prefix=prefix, num_beams=mt_args.num_beams)
+            record_metrics(trainer, prefix, output.metrics, results)
+            if not generate:
+                continue
+            if split == "validation":
+                trainer.log(output.metrics)  # into the log history, where the model card reads eval_bleu
+            translations = metrics_fn.decode(output.predictions)
+            results[f"{prefix}_translations"] = translations
+            results["bleu_signatures"] = metrics_fn.signatures
+            write_translations(translations, os.path.join(training_args.output_dir, f"{prefix}_translations.txt"),
+                               trainer)
+            printed_split = split
+        if printed_split and trainer.is_world_process_zero() and mt_args.num_examples_to_print > 0:
+            prefix = "eval" if printed_split == "validation" else "test"
+            print_examples(raw[printed_split], results[f"{prefix}_translations"], source_lang, target_lang,
+                           mt_args.num_examples_to_print, sources[printed_split])
 
     results = {"num_parameters": model.num_parameters(), "vocab_size": len(tokenizer),
                "train_pairs": len(encoded["train"]), "output_dir": training_args.output_dir}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        # Saved first: nothing after training (the translations, pictures, the card) can lose the weights.
-        trainer.save_model()  # model, tokenizer and generation config, on the main process only
-        trainer.save_state()
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        results.update(train_result.metrics, global_step=train_result.global_step)
-
-    printed_split = None
-    for split, prefix in (("validation", "eval"), ("test", "test")):
-        if split not in encoded or (split == "validation" and not has_eval):
-            continue
-        # num_beams explicitly: Seq2SeqTrainer would otherwise take --generation_num_beams, meant for the (cheaper)
-        # evaluations during training, over the model's own setting. In order: the translations are written out.
-        output = predict_in_order(trainer, encoded[split], metric_key_prefix=prefix, num_beams=mt_args.num_beams)
-        trainer.log_metrics(prefix, output.metrics)
-        trainer.save_metrics(prefix, output.metrics)
-        results.update(output.metrics)
-        if not generate:
-            continue
-        if split == "validation":
-            trainer.log(output.metrics)  # into the log history, where the model card reads eval_bleu
-        translations = metrics_fn.decode(output.predictions)
-        results[f"{prefix}_translations"] = translations
-        results["bleu_signatures"] = metrics_fn.signatures
-        write_translations(translations, os.path.join(training_args.output_dir, f"{prefix}_translations.txt"),
-                           trainer)
-        printed_split = split
-
-    if printed_split and trainer.is_world_process_zero() and mt_args.num_examples_to_print > 0:
-        prefix = "eval" if printed_split == "validation" else "test"
-        print_examples(raw[printed_split], results[f"{prefix}_translations"], source_lang, target_lang,
-                       mt_args.num_examples_to_print, sources[printed_split])
-
-    if training_args.do_train:
-        trainer.save_state()  # again, with the evaluations in its log history
-        add_training_curves(trainer)  # training_curves.png, linked from the card (needs the [viz] extra)
-        # Of a pair of parallel files, the source-language file: its folder names the data set on the card.
-        card = {"finetuned_from": model_args.model_name_or_path, "tasks": "translation",
-                "dataset": data_args.dataset_name or sources["train"].split(PAIR_SEPARATOR)[0]}
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
-        else:
-            trainer.create_model_card(**card)
-
-    results["wall_seconds"] = time.perf_counter() - started
+    # Of a pair of parallel files, the source-language file: its folder names the data set on the card.
+    end_run(trainer, run, results, task="translation", model_args=model_args,
+            data_source=data_args.dataset_name or sources["train"].split(PAIR_SEPARATOR)[0],
+            evaluate=translate_and_score)
     if trainer.is_world_process_zero():
         print(format_summary("train_translation", _summary_rows(results, sources, mt_args)))
     return results

@@ -32,7 +32,7 @@ Returns:
     f1 (`float`, or `list` of `float` with `average=None`): in [0, 1].
 
 Examples:
-    >>> f1 = evaluate.load("hf_blueprint/metrics/f1")
+    >>> f1 = evaluate.load("hf_blueprint/evaluate_modules/f1")
     >>> f1.compute(predictions=[0, 2, 1, 0, 0, 1], references=[0, 1, 2, 0, 1, 2], average="macro")
     {'f1': 0.26666666666666666}
 """

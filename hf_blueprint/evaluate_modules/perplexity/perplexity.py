@@ -26,7 +26,7 @@ Returns:
     num_tokens (`int`): how many tokens were scored.
 
 Examples:
-    >>> perplexity = evaluate.load("hf_blueprint/metrics/perplexity")
+    >>> perplexity = evaluate.load("hf_blueprint/evaluate_modules/perplexity")
     >>> perplexity.compute(predictions=[math.log(0.5), math.log(0.25)])
     {'perplexity': 2.8284271247461903, 'mean_nll': 1.0397207708399179, 'num_tokens': 2}
 """

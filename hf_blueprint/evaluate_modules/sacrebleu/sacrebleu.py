@@ -40,7 +40,7 @@ Returns:
         `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0`.
 
 Examples:
-    >>> bleu = evaluate.load("hf_blueprint/metrics/sacrebleu")
+    >>> bleu = evaluate.load("hf_blueprint/evaluate_modules/sacrebleu")
     >>> result = bleu.compute(predictions=["Ein Mann fährt Fahrrad ."], references=[["Ein Mann fährt Fahrrad ."]])
     >>> result["score"]
     100.00000000000004

@@ -24,7 +24,7 @@ Returns:
     accuracy (`float`): in [0, 1] with `normalize=True`, else the (weighted) number of correct predictions.
 
 Examples:
-    >>> accuracy = evaluate.load("hf_blueprint/metrics/accuracy")
+    >>> accuracy = evaluate.load("hf_blueprint/evaluate_modules/accuracy")
     >>> accuracy.compute(references=[0, 1, 2, 0, 1, 2], predictions=[0, 1, 1, 2, 1, 0])
     {'accuracy': 0.5}
 """
