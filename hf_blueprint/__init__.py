@@ -62,3 +62,28 @@ def _register_with_auto_classes():
 
 
 _register_with_auto_classes()
+
+
+def _register_peft_default_target_modules():
+    """PEFT picks the modules an adapter wraps, when the config names none (`LoraConfig()`), from tables keyed by
+    model_type in `peft.utils.constants`; a model_type missing there makes it raise. The Blueprint modules carry
+    Llama's names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), so each table's Llama entry is
+    the Blueprint default too (LoRA: the attention projections q_proj and v_proj), except for the norms (LN tuning),
+    which have names of their own. Entries a user or PEFT itself already made are kept."""
+    try:
+        from peft.utils import constants
+    except ImportError:  # PEFT is optional
+        return
+    blueprint_norms = ["self_attn_norm", "cross_attn_norm", "mlp_norm", "norm"]
+    model_types = [config.model_type for config in (BlueprintEncoderConfig, BlueprintDecoderConfig,
+                                                    BlueprintSeq2SeqConfig)]
+    for name, table in vars(constants).items():
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict) and "llama" in table):
+            continue
+        is_norm_table = name == "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING"
+        modules = blueprint_norms if is_norm_table else table["llama"]
+        for model_type in model_types:
+            table.setdefault(model_type, list(modules))
+
+
+_register_peft_default_target_modules()

@@ -326,6 +326,14 @@ class GenerationChecks:
         model_kwargs.update(held_back)
         return model_kwargs
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # generate(tokenizer=...) (stop strings; transformers' server passes it) keeps the tokenizers among the model
+        # keywords and would hand them to forward, which refuses keywords it does not read.
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for name in ("tokenizer", "assistant_tokenizer"):
+            inputs.pop(name, None)
+        return inputs
+
     def _prepare_model_inputs(self, *args, **kwargs):
         inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
         if input_name == "input_ids" and inputs_tensor is not None and inputs_tensor.dim() == 2 \

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
+from hf_blueprint.chat import install_chat_template, read_chat_template
 from hf_blueprint.data import (
     load_raw_datasets,
     pack_into_blocks,
@@ -86,6 +87,13 @@ class CausalLMArguments:
         default=1.0,
         metadata={"help": "Sample from the smallest set of likeliest tokens whose probabilities add up to p (1: all)."},
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template saved with the tokenizer (a Jinja file, or the template itself), for "
+                          "/v1/chat/completions and `transformers chat`. Default: hf_blueprint.chat's "
+                          "DEFAULT_CHAT_TEMPLATE ('User: ...' / 'Assistant: ...' turns), unless the checkpoint's "
+                          "tokenizer has one."},
+    )
 
     def __post_init__(self):
         # Checked here, not when the sample is drawn after hours of training.
@@ -100,6 +108,8 @@ class CausalLMArguments:
             raise ValueError(f"--sample_top_k must be 0 (all tokens) or more, got {self.sample_top_k}.")
         if not (0 < self.sample_top_p <= 1):
             raise ValueError(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}.")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)  # a missing file fails now, not after training
 
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
@@ -132,6 +142,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     model = load_model(AutoModelForCausalLM, model_args, config, tokenizer, run)
     block_size = sequence_length(lm_args.block_size, config, default=1024, flag="--block_size")
     configure_generation(model, tokenizer, lm_args)  # before training: the final save writes it
+    if lm_args.chat_template is not None or tokenizer.chat_template is None:
+        install_chat_template(tokenizer, lm_args.chat_template)  # saved with the tokenizer
 
     with training_args.main_process_first(desc="tokenizing and packing"):
         # Each line is tokenized on its own, then the token streams are concatenated: with a character tokenizer

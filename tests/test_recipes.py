@@ -467,6 +467,25 @@ def test_causal_lm_recipe_trains_evaluates_samples_and_saves(causal_run, shakesp
     assert pretrain_causal_lm.generate_sample(model, tokenizer, "KING:", seed=0) == results["sample"]
 
 
+def test_causal_lm_recipe_saves_the_default_chat_template(causal_run):
+    from hf_blueprint.chat import DEFAULT_CHAT_TEMPLATE
+
+    _, output_dir = causal_run
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Speak."}], add_generation_prompt=True,
+                                             tokenize=False)
+    assert rendered == "User: Speak.\nAssistant:"
+
+
+def test_causal_lm_recipe_takes_a_chat_template_and_checks_it_first(tmp_path, shakespeare_slice):
+    missing = tmp_path / "no_such_template.jinja"
+    with pytest.raises(FileNotFoundError, match="no_such_template.jinja"):
+        pretrain_causal_lm.main(["--train_file", shakespeare_slice, "--output_dir", str(tmp_path / "out"),
+                                 "--chat_template", str(missing)])
+    assert not (tmp_path / "out").exists()  # refused before anything was trained or written
+
+
 def test_causal_lm_recipe_resumes_from_its_checkpoint(causal_run, shakespeare_slice):
     _, output_dir = causal_run
     results = pretrain_causal_lm.main([

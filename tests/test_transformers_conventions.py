@@ -291,6 +291,16 @@ def test_negative_eos_token_id_means_never_stop():
     assert output.shape == (1, 10)
 
 
+def test_generate_with_a_tokenizer_works(tokenizer):
+    # generate(tokenizer=...) (stop strings; transformers' server always passes it) keeps the tokenizer among the
+    # model keywords; it must not reach forward.
+    model = tiny_model("BlueprintDecoderForCausalLM")
+    ids = random_ids(1, 3)
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=-1)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=-1, tokenizer=tokenizer),
+                       plain)
+
+
 def test_eos_token_id_outside_the_vocabulary_is_still_refused():
     model = tiny_model("BlueprintDecoderForCausalLM")
     with pytest.raises(ValueError, match="eos_token_id"):
