@@ -23,9 +23,11 @@ Any Trainer flag works (`--push_to_hub`, `--resume_from_checkpoint true`, ...); 
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
+from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
@@ -40,7 +42,7 @@ from hf_blueprint.data import (
     truncate_splits,
 )
 from hf_blueprint.metrics import language_model_metrics
-from hf_blueprint.recipe_run import end_run, evaluate_validation, load_model, start_run
+from hf_blueprint.recipe_run import end_run, evaluate_validation, load_model, record_metrics, start_run
 from hf_blueprint.recipe_args import (
     DataArguments,
     ModelArguments,
@@ -87,6 +89,12 @@ class CausalLMArguments:
         default=1.0,
         metadata={"help": "Sample from the smallest set of likeliest tokens whose probabilities add up to p (1: all)."},
     )
+    eval_block_sizes: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated lengths (e.g. '128,256,512') at which the validation text is also scored "
+                          "after training, as eval_len<N>_loss / eval_len<N>_perplexity: how the model does on longer "
+                          "contexts than it was trained on (length extrapolation)."},
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "Chat template saved with the tokenizer (a Jinja file, or the template itself), for "
@@ -110,6 +118,7 @@ class CausalLMArguments:
             raise ValueError(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}.")
         if self.chat_template is not None:
             read_chat_template(self.chat_template)  # a missing file fails now, not after training
+        self.extra_eval_lengths = parse_lengths(self.eval_block_sizes, "--eval_block_sizes")
 
 
 # The recipe's flags: one dataclass per group, in the order main() unpacks them.
@@ -169,14 +178,26 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
 
     def evaluate_and_sample(trainer, results):
         evaluate_validation(trainer, results)
+        if has_eval:
+            for length in lm_args.extra_eval_lengths:
+                validation = DatasetDict(validation=tokenized["validation"])
+                longer = pack_into_blocks(validation, length, sources, data_args.preprocessing_num_workers,
+                                          labels=True)["validation"]
+                metrics = trainer.evaluate(longer, metric_key_prefix=f"eval_len{length}")
+                record_metrics(trainer, f"eval_len{length}", metrics, results)
         prompt = lm_args.sample_prompt if lm_args.sample_prompt is not None else _default_prompt(blocks, tokenizer)
         # Sharded parameters (FSDP, DeepSpeed ZeRO-3) are gathered layer by layer during each forward, so every rank
         # must generate in step with the others (same seed, same tokens); otherwise rank 0 alone samples.
         sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or (trainer.model.tp_size or 1) > 1
         if lm_args.sample_max_new_tokens > 0 and (sharded or trainer.is_world_process_zero()):
+            started = time.perf_counter()
             sample = generate_sample(trainer.model, tokenizer, prompt, seed=training_args.seed)
+            seconds = time.perf_counter() - started
             if trainer.is_world_process_zero():
                 results.update(prompt=prompt, sample=sample)
+                tokens = len(tokenizer(sample, add_special_tokens=False)["input_ids"])
+                record_metrics(trainer, "sample", {"sample_tokens": tokens, "sample_seconds": seconds,
+                                                   "sample_tokens_per_second": tokens / seconds}, results)
                 logger.info(f"Sample:\n{prompt}{sample}")
 
     results = {"num_parameters": model.num_parameters(), "train_blocks": len(blocks["train"]),
@@ -186,6 +207,19 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     if report and trainer.is_world_process_zero():
         print(format_summary("pretrain_causal_lm", _summary_rows(results, sources)))
     return results
+
+
+def parse_lengths(text: str | None, flag: str) -> list[int]:
+    """'128,256' -> [128, 256], each a length of at least 2 tokens (a next token to predict)."""
+    if not text:
+        return []
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated whole numbers, e.g. '128,256', got {text!r}.") from None
+    for length in lengths:
+        require_positive_length(length, flag, minimum=2, why=" (a block of one token has no next token to predict)")
+    return lengths
 
 
 def _default_prompt(blocks, tokenizer) -> str:

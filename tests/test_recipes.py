@@ -430,7 +430,8 @@ def causal_run(tmp_path_factory, shakespeare_slice):
     output_dir = folder / "out"
     results = pretrain_causal_lm.main([config, *QUIET, "--max_steps", str(CAUSAL_STEPS), "--save_steps", "50",
                                        "--output_dir", str(output_dir), "--sample_prompt", "KING:",
-                                       "--sample_max_new_tokens", "80", "--sample_do_sample", "false"])
+                                       "--sample_max_new_tokens", "80", "--sample_do_sample", "false",
+                                       "--eval_block_sizes", "48"])
     return results, output_dir
 
 
@@ -465,6 +466,19 @@ def test_causal_lm_recipe_trains_evaluates_samples_and_saves(causal_run, shakesp
     # the reloaded model generates the same text.
     assert len(results["sample"]) == 80
     assert pretrain_causal_lm.generate_sample(model, tokenizer, "KING:", seed=0) == results["sample"]
+
+
+def test_causal_lm_recipe_scores_the_validation_text_at_other_lengths(causal_run, shakespeare_slice):
+    results, output_dir = causal_run
+    model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    validation = Path(shakespeare_slice).read_text(encoding="utf-8")[18000:]
+    ids = [tokenizer(line)["input_ids"] for line in validation.splitlines(keepends=True)]
+    blocks = torch.tensor(group_texts({"input_ids": ids}, block_size=48)["input_ids"])
+    with torch.no_grad():
+        loss = model(input_ids=blocks, labels=blocks).loss.item()
+    assert results["eval_len48_loss"] == pytest.approx(loss, abs=1e-4)
+    assert results["sample_tokens"] == 80 and results["sample_tokens_per_second"] > 0
 
 
 def test_causal_lm_recipe_saves_the_default_chat_template(causal_run):

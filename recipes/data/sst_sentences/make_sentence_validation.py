@@ -10,8 +10,10 @@ Shorter phrases ("good", "the film") stay: they occur everywhere, in dev sentenc
 
     python recipes/data/sst_sentences/make_sentence_validation.py --output_dir out/sst2-sentences
 
-writes `train.tsv` (GLUE train minus the overlapping phrases), `validation.tsv` (the held-out sentences) and
-`test.tsv` (`stsa.binary.test`, the 1,821 labelled test sentences Kim 2014 reports on), all `sentence<TAB>label`.
+writes `train.tsv` (GLUE train minus the overlapping phrases), `validation.tsv` (the held-out sentences),
+`train_sentences.tsv` (the labelled training sentences that are not held out: 6,320, for fine-tuning a pretrained
+model on sentences only) and `test.tsv` (`stsa.binary.test`, the 1,821 labelled test sentences Kim 2014 reports on),
+all `sentence<TAB>label`.
 """
 
 import argparse
@@ -73,6 +75,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     write_tsv(os.path.join(args.output_dir, "train.tsv"), train)
     write_tsv(os.path.join(args.output_dir, "validation.tsv"), held_out)
+    held = set(held_out)
+    write_tsv(os.path.join(args.output_dir, "train_sentences.tsv"), [row for row in sentences if row not in held])
     write_tsv(os.path.join(args.output_dir, "test.tsv"), read_stsa(os.path.join(HERE, "stsa.binary.test")))
     counts = {"train": len(train), "removed": len(glue_train) - len(train), "validation": len(held_out)}
     print(f"{args.output_dir}: {counts['train']:,} training phrases ({counts['removed']:,} overlapping the held-out "
