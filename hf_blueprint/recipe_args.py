@@ -23,6 +23,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args, get_origin
 
 import datasets
 import transformers
@@ -39,6 +40,7 @@ from transformers import (
 )
 
 from .callbacks import GradientNormCallback
+from .configuration_blueprint import BlueprintConfig
 from .data import DataError, iterate_texts
 from .tokenizer import TOKENIZER_TYPES, special_tokens_per_text, train_tokenizer
 from .training_guards import (
@@ -461,8 +463,16 @@ def parse_config_overrides(overrides: str) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--config_overrides: expected `field=value`, got {item!r} (in {overrides!r}).")
-        parsed[key.strip()] = _parse_value(raw.strip())
+        key, value = key.strip(), _parse_value(raw.strip())
+        if value is None and key in NONE_IS_A_CHOICE:
+            value = "none"  # position_embedding_type=none, norm_type=none: a choice of its own, not None
+        parsed[key] = value
     return parsed
+
+
+# String switches for which "none" is one of the choices (their Literal types), not "unset".
+NONE_IS_A_CHOICE = {name for name, field in BlueprintConfig._declared_fields().items()
+                    if get_origin(field.type) is Literal and "none" in get_args(field.type)}
 
 
 def _parse_value(raw: str):

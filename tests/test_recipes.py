@@ -371,6 +371,13 @@ def test_config_file_then_flags_that_override_it(tmp_path):
     assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-4}
 
 
+def test_config_overrides_read_none_as_a_choice_where_it_is_one():
+    config = build_config(ModelArguments(model_type="blueprint_decoder", config_overrides=(
+        "position_embedding_type=none,norm_type=none,sliding_window=none,num_key_value_heads=None")))
+    assert (config.position_embedding_type, config.norm_type) == ("none", "none")
+    assert config.sliding_window is None and config.num_key_value_heads == config.num_attention_heads
+
+
 def test_config_overrides_are_validated_by_the_config():
     args = ModelArguments(model_type="blueprint_decoder",
                           config_overrides="hidden_size=64,num_attention_heads=4,position_embedding_type=rope,"
