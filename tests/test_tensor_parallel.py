@@ -19,10 +19,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_blueprint
+from hf_blueprint.tokenizer import train_tokenizer
 
 from conftest import random_ids
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 import tp_worker  # noqa: E402
 
@@ -67,8 +69,18 @@ def launch(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     hf_blueprint.BlueprintDecoderForCausalLM(hf_blueprint.BlueprintDecoderConfig(
         **{**TINY, "hidden_size": 48, "num_attention_heads": 3})).save_pretrained(root / "three-heads")
+    # The recipe's case: a character model with its tokenizer, as a recipe saves one.
+    text = (ROOT / "recipes/data/tinyshakespeare/input.txt").read_text(encoding="utf-8")[:4000]
+    (root / "text.txt").write_text(text)
+    tokenizer = train_tokenizer([text], tokenizer_type="char", family="decoder")
+    torch.manual_seed(0)
+    recipe_model = hf_blueprint.BlueprintDecoderForCausalLM(hf_blueprint.BlueprintDecoderConfig(**{
+        **TINY, **CASES["llama-style"][2], "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}))
+    recipe_model.save_pretrained(root / "recipe-model")
+    tokenizer.save_pretrained(root / "recipe-model")
     plan = {"cases": cases, "input_ids": random_ids(2, 7, low=3, high=64).tolist(), "steps": 4,
-            "output_dir": str(root), "indivisible_folder": str(root / "three-heads")}
+            "output_dir": str(root), "indivisible_folder": str(root / "three-heads"),
+            "recipe_model": str(root / "recipe-model"), "recipe_text": str(root / "text.txt")}
     plan_file = root / "plan.json"
     plan_file.write_text(json.dumps(plan))
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -122,6 +134,19 @@ def test_sharded_training_ends_with_the_losses_and_weights_of_one_process(launch
         assert difference <= TOLERANCE, (name, difference)
     if loop == "trainer":
         assert sharded["tp_size"] == 2 and single["tp_size"] == 1
+
+
+def test_the_causal_lm_recipe_trains_with_tensor_parallelism_as_one_process(launch):
+    sharded, single = launch["tp"]["recipe"], launch["single"]["recipe"]
+    assert sharded["train_loss"] == pytest.approx(single["train_loss"], abs=TOLERANCE)
+    # The sharded save writes the tied output layer too (see the test above): the embedding, again.
+    assert set(sharded["weights"]) - set(single["weights"]) <= {"lm_head.weight"}
+    if "lm_head.weight" in sharded["weights"]:
+        assert torch.equal(sharded["weights"]["lm_head.weight"], sharded["weights"]["model.embed_tokens.weight"])
+    for name, weight in single["weights"].items():
+        weight, expected = sharded["weights"][name], weight
+        difference = (weight - expected).abs().max().item()
+        assert difference <= TOLERANCE, (name, difference)
 
 
 def test_heads_that_do_not_divide_over_the_ranks_are_refused_before_loading(launch):

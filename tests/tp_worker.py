@@ -64,6 +64,34 @@ def train_with_the_trainer(model, batch: torch.Tensor, steps: int, output_dir: s
     return {"losses": losses, "weights": gathered(model.state_dict()), "tp_size": trainer.get_tp_size()}
 
 
+def train_with_the_recipe(plan: dict, sharded: bool) -> dict:
+    """The causal-LM recipe from the plan's checkpoint, with --tp_size 2 on the sharded launch."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+    import pretrain_causal_lm
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
+    parse_args = pretrain_causal_lm.parse_args
+
+    def parse_then_pass_for_gpus(*args, **kwargs):  # as in train_with_the_trainer
+        parsed = parse_args(*args, **kwargs)
+        if sharded:
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        return parsed
+
+    pretrain_causal_lm.parse_args = parse_then_pass_for_gpus
+    output_dir = os.path.join(plan["output_dir"], "recipe-tp" if sharded else "recipe-single")
+    argv = ["--model_name_or_path", plan["recipe_model"], "--train_file", plan["recipe_text"], "--block_size", "16",
+            "--max_steps", str(plan["steps"]), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--logging_steps", "1", "--save_strategy", "no", "--do_eval", "false", "--sample_max_new_tokens", "0",
+            "--report_to", "none", "--seed", "0", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+            "--log_level", "warning", "--output_dir", output_dir, "--tp_size", "2" if sharded else "1"]
+    results = pretrain_causal_lm.main(argv)
+    weights = load_file(os.path.join(output_dir, "model.safetensors")) if int(os.environ.get("RANK", 0)) == 0 else {}
+    return {"train_loss": results.get("train_loss"), "weights": weights}
+
+
 def main(plan_file: str):
     warnings.filterwarnings("ignore")
     plan = json.loads(open(plan_file).read())
@@ -91,6 +119,7 @@ def main(plan_file: str):
             trained = AUTO_CLASSES[case["head"]].from_pretrained(case["folder"], **load)
             entry["trainer"] = train_with_the_trainer(trained, batch, plan["steps"], plan["output_dir"])
         results[case["name"]] = entry
+    results["recipe"] = train_with_the_recipe(plan, sharded)
     try:
         AutoModelForCausalLM.from_pretrained(plan["indivisible_folder"], **load)
         results["indivisible"] = "loaded"
