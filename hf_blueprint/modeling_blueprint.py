@@ -56,6 +56,7 @@ from .modeling_checks import (
     check_attention_mask_keys,
     check_inputs,
     check_label_values,
+    check_pattern_implementation,
     check_positions,
     check_tensor_parallel,
     has_targets,
@@ -750,6 +751,7 @@ class BlueprintModel(BlueprintPreTrainedModel):
         config = self.config
         seq_len = hidden_states.shape[1]
         global_tokens = self.global_tokens(attention_mask, past_length, position_ids, global_attention_mask)
+        check_pattern_implementation(self, global_tokens is not None)
         blocks = self.takes_block_path(seq_len, past_length, output_attentions)
         if packed_sequences is not None and config._attn_implementation in ("sdpa", "eager", "block_sparse") \
                 and not output_attentions and not is_torchdynamo_compiling():

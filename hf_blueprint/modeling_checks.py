@@ -183,6 +183,24 @@ def check_positions(model, position_ids):
         )
 
 
+# The attention implementations that apply a mask function the model builds (flex through its block mask): the only ones
+# that can run a dilated window or global tokens, which no `sliding_window` keyword describes.
+PATTERN_IMPLEMENTATIONS = ("eager", "sdpa", "block_sparse", "flex_attention")
+
+
+def check_pattern_implementation(model, has_global_tokens: bool):
+    """A dilated window or global tokens need an implementation that applies the model's mask; others (flash
+    attention, vLLM's paged attention) would run a plain window and compute something else."""
+    config = model.config
+    implementation = config._attn_implementation
+    if (config.attention_dilation > 1 or has_global_tokens) and implementation not in PATTERN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{type(model).__name__}: attention_dilation={config.attention_dilation} / global tokens need an attention "
+            f"implementation that applies the model's mask ({', '.join(PATTERN_IMPLEMENTATIONS)}); "
+            f"'{implementation}' would attend to a plain window instead."
+        )
+
+
 def check_tensor_parallel(config):
     """Under tensor parallelism (from_pretrained(tp_plan=...), which puts a `distributed_config` on the config before
     the model is built) every rank holds whole heads and an equal share of the feed-forward columns: refuse a degree

@@ -224,3 +224,13 @@ def test_alibi_is_refused_by_an_attention_backend_that_cannot_add_a_bias():
     model = hf_blueprint.BlueprintDecoderModel._from_config(config, attn_implementation="blueprint_test_plain")
     with pytest.raises(ValueError, match="alibi.*'blueprint_test_plain'.*sdpa"):
         model(random_ids(1, 4, low=3, high=64))
+
+
+@pytest.mark.parametrize("switches", [dict(sliding_window=2, attention_dilation=2),
+                                      dict(sliding_window=2, global_attention_tokens=1)])
+def test_sparse_patterns_are_refused_by_a_backend_that_would_run_a_plain_window(switches):
+    AttentionInterface.register("blueprint_test_plain", sdpa_attention_forward)
+    config = hf_blueprint.BlueprintDecoderConfig(**{**TINY, **switches})
+    model = hf_blueprint.BlueprintDecoderModel._from_config(config, attn_implementation="blueprint_test_plain")
+    with pytest.raises(ValueError, match="'blueprint_test_plain' would attend to a plain window"):
+        model(random_ids(1, 4, low=3, high=64))
