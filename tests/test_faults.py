@@ -37,6 +37,7 @@ from hf_blueprint.training_guards import (
     checkpoint_problems,
     is_complete_checkpoint,
     last_good_checkpoint,
+    non_finite_gradients,
     resolve_resume_checkpoint,
 )
 
@@ -569,6 +570,20 @@ def test_under_a_grad_scaler_overflowing_gradients_are_left_to_the_scaler():
     with pytest.raises(NonFiniteLossError, match="step 7"):
         # a NaN loss with finite gradients: the scaler would apply the step, so the guard stops instead
         _guard_step(NonFiniteLossCallback("skip"), model, grad=0.5, loss=float("nan"))
+
+
+def test_non_finite_gradients_names_exactly_the_bad_ones():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4, dtype=torch.float16))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert non_finite_gradients(model) == []
+    model[0].weight.grad[1, 2] = float("nan")
+    model[1].bias.grad[0] = float("-inf")
+    assert non_finite_gradients(model) == ["0.weight", "1.bias"]
+    # a finite fp16 gradient whose norm overflows fp16 (65,504) is not called non-finite
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 60000.0)
+    assert non_finite_gradients(model) == []
 
 
 def test_guard_arguments_are_validated():

@@ -160,8 +160,15 @@ def non_finite_gradients(model: torch.nn.Module) -> list[str]:
              for name, p in model.named_parameters() if p.grad is not None]
     if not named:
         return []
-    finite = torch.stack([torch.isfinite(grad).all().to("cpu", non_blocking=True) for _, grad in named])
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+    # A NaN or an infinity makes a tensor's norm non-finite: one reduction per gradient and one verdict, where an
+    # element-wise isfinite allocates a mask per gradient (7.5 ms a step for a 0.8M-parameter model on a CPU, twice
+    # its optimizer step; the norms take 1.2 ms, benchmarks/train_loop.py).
+    # Only when a norm is not finite are the gradients checked element by element, to name them; a finite fp16
+    # gradient whose norm merely overflows is then not named.
+    norms = torch.stack([torch.linalg.vector_norm(grad).to("cpu", non_blocking=True) for _, grad in named])
+    if bool(torch.isfinite(norms).all()):
+        return []
+    return [name for name, grad in named if not bool(torch.isfinite(grad).all())]
 
 
 def drop_gradients(model: torch.nn.Module) -> None:
