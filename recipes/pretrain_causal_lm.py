@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 import hf_blueprint  # noqa: F401  (registers the Blueprint models with the Auto classes)
 from hf_blueprint.chat import install_chat_template, read_chat_template
 from hf_blueprint.data import (
+    causal_training_blocks,
     load_raw_datasets,
     pack_into_blocks,
     pick_text_column,
@@ -167,7 +168,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=blocks["train"] if training_args.do_train else None,
+        train_dataset=causal_training_blocks(blocks["train"]) if training_args.do_train else None,
         eval_dataset=blocks["validation"] if has_eval else None,
         processing_class=tokenizer,
         data_collator=default_data_collator,
