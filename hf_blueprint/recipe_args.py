@@ -530,16 +530,19 @@ def sequence_length(requested: int | None, config: PretrainedConfig, default: in
     """The input length a recipe uses: `requested`, or `default` capped by the model's position table.
 
     Learned and sinusoidal positions stop at max_position_embeddings; asking for more is an error here rather than
-    an index error in the middle of training. rope, alibi and none have no limit.
+    an index error in the middle of training. rope, alibi and none have no limit. A native transformers config (the
+    unconverted BERT a user compares against) has no position_embedding_type: its max_position_embeddings (or GPT-2's
+    n_positions) is taken as the limit, as run_glue.py caps by the model's maximum length.
     """
-    has_table = config.position_embedding_type in ("learned", "sinusoidal")
-    limit = config.max_position_embeddings
+    positions = getattr(config, "position_embedding_type", "absolute (native model)")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    has_table = positions not in ("rope", "alibi", "none") and limit is not None
     if requested is None:
         return min(default, limit) if has_table else default
     if has_table and requested > limit:
         raise ValueError(
             f"{flag} {requested} exceeds the model's max_position_embeddings ({limit}) with "
-            f"{config.position_embedding_type} positions; lower {flag} or raise max_position_embeddings."
+            f"{positions} positions; lower {flag} or raise max_position_embeddings."
         )
     return requested
 

@@ -644,23 +644,48 @@ def _load_recipe(name):
     return module
 
 
-def test_finetune_recipe_starts_from_a_converted_bert(tmp_path):
+def _finetune(recipe, model_folder, data_folder, output_dir, monkeypatch) -> tuple[dict, list[float]]:
+    """Two steps of the classification recipe; returns its results and the loss of each step, unrounded (the
+    Trainer's logged losses are rounded to 4 decimals)."""
+    losses, training_step = [], transformers.Trainer.training_step
+
+    def recording_step(self, *args, **kwargs):
+        loss = training_step(self, *args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", recording_step)
+    results = recipe.main([
+        "--model_name_or_path", str(model_folder), "--train_file", str(data_folder / "train.tsv"),
+        "--validation_file", str(data_folder / "dev.tsv"), "--output_dir", str(output_dir),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+        "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+        "--dataloader_num_workers", "0", "--seed", "0",
+    ])
+    monkeypatch.setattr(transformers.Trainer, "training_step", training_step)
+    return results, losses
+
+
+def test_finetune_recipe_starts_from_a_converted_bert(tmp_path, monkeypatch):
     recipe = _load_recipe("finetune_classification")
     reference = bert("h32-a4-types2", "BertModel")
     tokenizer = build_tokenizer(add_cls_sep=True)
     convert(reference, tmp_path / "blueprint-bert", tokenizer=tokenizer)
+    reference.save_pretrained(tmp_path / "native-bert")
+    tokenizer.save_pretrained(tmp_path / "native-bert")
 
     rows = ["the cat sat on the mat\t1", "a dog ran up the tree\t0", "the happy bird sang\t1",
             "the sad cow slept\t0", "a big fox jumped over the dog\t1", "the old wolf hid\t0"]
     for split in ("train", "dev"):
         (tmp_path / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    results = recipe.main([
-        "--model_name_or_path", str(tmp_path / "blueprint-bert"), "--train_file", str(tmp_path / "train.tsv"),
-        "--validation_file", str(tmp_path / "dev.tsv"), "--output_dir", str(tmp_path / "finetuned"),
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
-        "--dataloader_num_workers", "0", "--seed", "0",
-    ])
+    results, losses = _finetune(recipe, tmp_path / "blueprint-bert", tmp_path, tmp_path / "finetuned", monkeypatch)
+    native_results, native_losses = _finetune(recipe, tmp_path / "native-bert", tmp_path, tmp_path / "native",
+                                              monkeypatch)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "native").model_type == "bert"
+    # Same weights, same seed, same batch: the converted encoder (with its new head drawn as BERT draws it) starts
+    # from BertForSequenceClassification's loss.
+    assert len(losses) == len(native_losses) == 2
+    assert abs(losses[0] - native_losses[0]) < 1e-5
     assert results["global_step"] == 2 and "eval_accuracy" in results
 
     # The fine-tuned body is the converted BERT moved by training (its embeddings started as BERT's), and the
