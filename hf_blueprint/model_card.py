@@ -68,6 +68,23 @@ def architecture_rows(config: BlueprintConfig) -> list[tuple[str, str]]:
     return [(f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config) if f.name not in inherited]
 
 
+def attention_pattern(config: BlueprintConfig) -> str:
+    """One sentence on which keys each query sees and what that costs, for the card's reader."""
+    if config.sliding_window is None:
+        sees = "itself and every token before it" if config.is_causal else "every token of the input"
+        return f"**Attention:** full: each token attends to {sees}; time grows with the square of the input length."
+    window = config.sliding_window
+    keys = (f"{window} keys (itself and the {window - 1} before it)" if config.is_causal
+            else f"{2 * window - 1} keys (itself and {window - 1} on each side)")
+    parts = [f"local: a window of {keys}" + (" per query" if config.attention_dilation == 1 else
+                                              f" spaced {config.attention_dilation} apart (dilated window)")]
+    if config.global_attention_tokens:
+        parts.append(f"the first {config.global_attention_tokens} tokens are global (they see and are seen by all)")
+    cross = " The decoder's cross-attention sees the whole source." if config.model_type == "blueprint_seq2seq" else ""
+    return ("**Attention:** " + "; ".join(parts) + ". Long inputs run block by block, time and memory linear in the "
+            "length (`attn_implementation=\"block_sparse\"`, or sdpa from 8 window spans on)." + cross)
+
+
 def _split_and_name(key: str) -> tuple[str, str] | None:
     """("eval", "macro_f1") for "eval_macro_f1"; None for what is not an evaluation metric."""
     split, _, name = key.partition("_")
@@ -178,6 +195,8 @@ def build_model_card(model, *, task: str, dataset: str | None = None, eval_metri
         "| switch | value |",
         "| --- | --- |",
         *(f"| `{name}` | `{value}` |" for name, value in architecture_rows(config)),
+        "",
+        attention_pattern(config),
         "",
     ]
     if training_args is not None:

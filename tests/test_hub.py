@@ -311,6 +311,27 @@ def test_trainer_writes_the_blueprint_model_card_with_model_index(tmp_path):
     assert "trust_remote_code=True" in card.text and "import hf_blueprint" in card.text
 
 
+@pytest.mark.parametrize(("model_class", "switches", "expected"), [
+    ("BlueprintDecoderModel", {}, ["full: each token attends to itself and every token before it", "square"]),
+    ("BlueprintEncoderModel", {}, ["full: each token attends to every token of the input", "square"]),
+    ("BlueprintEncoderModel", {"sliding_window": 4}, ["7 keys (itself and 3 on each side)", "linear"]),
+    ("BlueprintDecoderModel", {"sliding_window": 4, "attention_dilation": 2, "global_attention_tokens": 2},
+     ["4 keys (itself and the 3 before it) spaced 2 apart (dilated window)", "the first 2 tokens are global",
+      "linear"]),
+    ("BlueprintForConditionalGeneration", {"sliding_window": 8}, ["8 keys", "cross-attention sees the whole source"]),
+])
+def test_model_card_describes_the_attention_pattern_and_its_cost(model_class, switches, expected):
+    from hf_blueprint.model_card import build_model_card
+
+    model_class = getattr(hf_blueprint, model_class)
+    model = model_class(model_class.config_class(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32, **switches))
+    attention = next(line for line in build_model_card(model, task="fill-mask").text.splitlines()
+                     if line.startswith("**Attention:**"))
+    for phrase in expected:
+        assert phrase in attention
+
+
 @pytest.mark.parametrize("hub", ["regular"], indirect=True)
 def test_recipe_push_to_hub_uploads_model_tokenizer_and_card(hub, tmp_path):
     """A recipe run with the Trainer's own --push_to_hub flags, then a clean-room pull of what it pushed."""
