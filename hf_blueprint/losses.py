@@ -108,8 +108,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             total += loss.sum()
             if not needs_gradients:
                 continue
-            # d loss / d logits = softmax - (1 - e) * one_hot - e / V.
-            grad_logits = (logits - log_normalizer[:, None]).exp_()
+            # d loss / d logits = softmax - (1 - e) * one_hot - e / V, in the logits' own buffer (one block fewer).
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
             grad_logits[torch.arange(grad_logits.shape[0], device=grad_logits.device), target] -= 1.0 - label_smoothing
             if label_smoothing:
                 grad_logits -= label_smoothing / vocabulary
