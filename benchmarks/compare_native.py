@@ -171,16 +171,21 @@ def _proc_status_kib(field: str) -> int:
 
 
 def cpu_peak_memory_mib(model, batch) -> float:
-    """Peak resident-set growth during one training step (fresh optimizer). Linux resets the high-water mark VmHWM
-    when 5 is written to /proc/self/clear_refs, so the peak of this step alone is VmHWM - VmRSS before it. Only
-    meaningful when freed memory goes back to the system (see `cpu_peak_memory_in_subprocess`), and only to the
-    kernel's resolution: both numbers come from approximate per-CPU counters (some hundred KiB on 2 CPUs), so a step
-    that grows the resident set by less can read below zero; such a step is reported as 0."""
+    """Peak resident-set growth during one training step (fresh optimizer)."""
+    return cpu_peak_mib_of(training_step(model, batch))
+
+
+def cpu_peak_mib_of(step) -> float:
+    """Peak resident-set growth while `step()` runs. Linux resets the high-water mark VmHWM when 5 is written to
+    /proc/self/clear_refs, so the peak of this call alone is VmHWM - VmRSS before it. Only meaningful when freed memory
+    goes back to the system (see `cpu_peak_memory_in_subprocess`), and only to the kernel's resolution: both numbers
+    come from approximate per-CPU counters (some hundred KiB on 2 CPUs), so a step that grows the resident set by less
+    can read below zero; such a step is reported as 0."""
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
     before = _proc_status_kib("VmRSS")
-    training_step(model, batch)()
+    step()
     return max(_proc_status_kib("VmHWM") - before, 0) / 1024
 
 

@@ -10,4 +10,6 @@ export OMP_NUM_THREADS=1
 python benchmarks/compare_native.py --threads 1 --output "$out/compare_native.md"
 python benchmarks/sst2_padding_free.py --threads 1 --output "$out/sst2_padding_free.md"
 python benchmarks/profile_generation.py --threads 1 --output "$out/profile_generation.md"
+python benchmarks/compare_peers.py --threads 1 --repeats 7 --output "$out/compare_peers.md"  # skips peers not installed
+python benchmarks/train_loop.py --threads 1 --output "$out/train_loop.md"
 uptime >> "$out/machine.txt"
