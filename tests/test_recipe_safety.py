@@ -15,15 +15,12 @@ Everything runs in process, on tiny data, with a tiny model; only the tests that
 
 import gzip
 import json
-import logging
 import math
 import shutil
 import sys
 from pathlib import Path
 
-import datasets
 import pytest
-import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,30 +53,8 @@ QUIET = ["--log_level", "error", "--disable_tqdm", "true", "--dataloader_pin_mem
          "--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _restore_library_logging():
-    # The recipes set the libraries' verbosity and the package's logger levels, as transformers' examples do.
-    loggers = [logging.getLogger(name) for name in ("hf_blueprint", "__main__", None)]
-    before = transformers.logging.get_verbosity(), datasets.logging.get_verbosity(), [lg.level for lg in loggers]
-    yield
-    transformers.logging.set_verbosity(before[0])
-    datasets.logging.set_verbosity(before[1])
-    for logger, level in zip(loggers, before[2]):
-        logger.setLevel(level)
-
-
-def write(path: Path, content: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return str(path)
+# The recipes' tests share their thread count, logging restoration and file writer.
+from test_recipes import _one_torch_thread, _restore_library_logging, write  # noqa: E402, F401  (fixtures)
 
 
 def folder_contents(folder: Path) -> dict:
