@@ -196,8 +196,8 @@ def build_model_card(model, *, task: str, dataset: str | None = None, eval_metri
         "| --- | --- |",
         *(f"| `{name}` | `{value}` |" for name, value in architecture_rows(config)),
         "",
-        attention_pattern(config),
-        "",
+        # A recipe run on unconverted weights has a native config, whose attention this project does not describe.
+        *([attention_pattern(config), ""] if isinstance(config, BlueprintConfig) else []),
     ]
     if training_args is not None:
         lines += ["## Training", "", f"Data: `{shareable_path(dataset)}`." if dataset else "", "",

@@ -971,6 +971,10 @@ SHIPPED_CONFIGS = {
     "sst2_bpe_mean.yaml": finetune_classification,
     "trec_scratch.yaml": finetune_classification,
     "multi30k_en_de.yaml": train_translation,
+    "mlm_corpus.yaml": pretrain_masked_lm,
+    "causal_corpus.yaml": pretrain_causal_lm,
+    "sst2_minilm.yaml": finetune_classification,
+    "trec_minilm.yaml": finetune_classification,
 }
 
 
@@ -985,5 +989,11 @@ def test_shipped_config_parses_and_gives_a_valid_model_config(name, tmp_path):
     recipe = SHIPPED_CONFIGS[name]
     model_args, *_ = parse_args(recipe.ARGUMENTS, [str(RECIPES / "configs" / name), "--output_dir", str(tmp_path)],
                                 recipe.DEFAULTS)
+    if model_args.model_name_or_path is not None:
+        # Fine-tuned from weights made by another run: the config's comments must say how to make them.
+        comments = [line for line in (RECIPES / "configs" / name).read_text(encoding="utf-8").splitlines()
+                    if line.startswith("#")]
+        assert any(model_args.model_name_or_path in line for line in comments)
+        return
     config = build_config(model_args)
     assert config.model_type == model_args.model_type
