@@ -194,6 +194,18 @@ def test_resume_continues_the_run_in_the_folder(earlier_run, data, tmp_path):
     assert results["global_step"] == 6 and (output_dir / "checkpoint-6").is_dir()
 
 
+def test_resume_continues_a_classifier_whose_training_set_its_problem_type(data, tmp_path):
+    # The first loss of a run that leaves problem_type unset sets it in the model config: its checkpoints then hold
+    # one that the resuming run has not set yet, which is the same run, not another.
+    output_dir = tmp_path / "run"
+    argv = recipe_argv("finetune_classification", data, output_dir)
+    finetune_classification.main([*argv, "--max_steps", "2", "--save_steps", "2"])
+    assert json.loads((output_dir / "checkpoint-2" / "config.json").read_text())["problem_type"] is not None
+    results = finetune_classification.main([*argv, "--max_steps", "4", "--save_steps", "2",
+                                            "--resume_from_checkpoint", "true"])
+    assert results["global_step"] == 4 and (output_dir / "checkpoint-4").is_dir()
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(earlier_run, data, tmp_path, monkeypatch):
     output_dir = copy_of(earlier_run, tmp_path)
     before = folder_contents(output_dir)

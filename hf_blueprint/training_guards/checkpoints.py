@@ -115,6 +115,9 @@ def resolve_resume_checkpoint(value, output_dir: str | os.PathLike) -> str | Non
 # the class names), and run-time switches (the Trainer saves use_cache=False while it trains); private `_` fields too.
 CONFIG_FIELDS_NOT_COMPARED = ("transformers_version", "architectures", "dtype", "torch_dtype", "auto_map",
                               "use_cache", "output_attentions", "output_hidden_states", "return_dict")
+# Fields the model fills in while it trains when the run leaves them unset: a sequence classifier's first loss sets
+# `problem_type` from the labels, so every checkpoint of a run that did not set it holds one.
+CONFIG_FIELDS_SET_BY_TRAINING = ("problem_type",)
 
 
 def checkpoint_config_differences(checkpoint: str | os.PathLike, config) -> dict[str, tuple]:
@@ -138,6 +141,7 @@ def checkpoint_config_differences(checkpoint: str | os.PathLike, config) -> dict
     missing = "(not set)"
     return {key: (saved.get(key, missing), ours.get(key, missing)) for key in sorted(set(saved) | set(ours))
             if key not in CONFIG_FIELDS_NOT_COMPARED and not key.startswith("_")
+            and not (key in CONFIG_FIELDS_SET_BY_TRAINING and ours.get(key) is None)
             and normal(saved.get(key, missing)) != normal(ours.get(key, missing))}
 
 
