@@ -333,6 +333,23 @@ def test_sentence_validation_split_holds_out_whole_sentences_and_their_long_phra
     assert {label for _, label in validation + test} == {"0", "1"}
 
 
+def test_pretraining_corpus_keeps_each_text_as_the_fine_tuning_reads_it(tmp_path):
+    # A word-level vocabulary is case-sensitive: a lowercased corpus made TREC's "What", "How", "Who" [UNK] for the
+    # model pretrained on it, which then fine-tuned 10 points below one from scratch.
+    sys.path.insert(0, str(DATA))
+    import make_pretraining_corpus
+
+    write(tmp_path / "sst2" / "train_sentences.tsv", "sentence\tlabel\na gorgeous , witty movie .\t1\n")
+    write(tmp_path / "sst2" / "train.tsv", "sentence\tlabel\nwitty movie\t1\n")
+    make_pretraining_corpus.main(["--sst2_dir", str(tmp_path / "sst2"), "--output", str(tmp_path / "corpus.txt")])
+    lines = set((tmp_path / "corpus.txt").read_text(encoding="utf-8").splitlines())
+    training, test = ({" ".join(question.split()) for question in make_pretraining_corpus.trec_questions(path)}
+                      for path in (str(DATA / "trec" / "train_5500.label"), str(DATA / "trec" / "TREC_10.label")))
+    assert training <= lines
+    assert not (test - training) & lines  # (10 test questions are also training questions in TREC itself)
+    assert {"a gorgeous , witty movie .", "witty movie"} <= lines
+
+
 def test_bpe_tokenizer_families_and_round_trip(tmp_path):
     lines = SST2.joinpath("train.tsv").read_text(encoding="utf-8").splitlines()[1:3001]
     texts = [line.rsplit("\t", 1)[0] for line in lines]

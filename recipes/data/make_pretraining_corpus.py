@@ -9,7 +9,10 @@ Gathers the training text of every shipped English data set and never an evaluat
 - Multi30k: the 29,000 English training captions (not validation or test);
 - tinyshakespeare: its lines, the first 90% (the causal-LM recipe's validation text, the last 10%, left out).
 
-Lowercased like SST-2 and TREC text is, and tokenized by whitespace only (SST's and TREC's own tokenization stays).
+Each text keeps its own case, as the fine-tuning recipes read it (SST-2 is lowercased, TREC and the others are not):
+a word-level vocabulary is case-sensitive, and a corpus lowercased throughout made TREC's capitalized words, its
+question words first of all, [UNK] for the pretrained model. Whitespace is normalized only (SST's and TREC's own
+tokenization stays).
 
     python recipes/data/sst_sentences/make_sentence_validation.py --output_dir out/sst2-sentences
     python recipes/data/make_pretraining_corpus.py --sst2_dir out/sst2-sentences --output out/pretraining/corpus.txt
@@ -59,7 +62,7 @@ def main(argv=None) -> dict[str, int]:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         for texts in sources.values():
-            f.writelines(" ".join(text.lower().split()) + "\n" for text in texts if text.strip())
+            f.writelines(" ".join(text.split()) + "\n" for text in texts if text.strip())
     counts = {name: len(texts) for name, texts in sources.items()}
     print(f"{args.output}: " + ", ".join(f"{count:,} {name}" for name, count in counts.items()))
     return counts
