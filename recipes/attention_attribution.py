@@ -97,7 +97,7 @@ def scores(model, tokenizer, text: str) -> tuple[list[int], dict[str, list[float
     rollout = readout @ attention_rollout(attentions)[-1]
     method_scores = {"attention": last_layer, "rollout": rollout, "gradient": gradient.detach()}
     per_position = {name: [float(values[p]) for p in positions] for name, values in method_scores.items()}
-    return positions, per_position, predicted, float(probabilities[predicted])
+    return positions, per_position, predicted, probabilities[predicted].item()
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def test_gradient_scores_are_input_times_gradient_of_the_predicted_logit(encoder
     assert positions == list(range(1, ids.shape[1] - 1))  # the words, not [CLS] / [SEP]
     embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=embeddings).logits
-    assert predicted == int(logits.argmax()) and probability == pytest.approx(float(logits.softmax(-1).max()))
+    assert predicted == int(logits.argmax()) and probability == pytest.approx(logits.softmax(-1).max().item())
     logits[0, predicted].backward()
     expected = (embeddings * embeddings.grad).sum(-1)[0].abs()[positions]
     torch.testing.assert_close(torch.tensor(scores["gradient"]), expected)
