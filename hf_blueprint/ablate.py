@@ -913,7 +913,7 @@ def plot_metric_against_switch(spec: Spec, switch: Switch, metric: str, cells: l
     ax.set_xlim(-0.5, len(ticks) - 0.5)
     ax.set_xlabel(switch.name)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} against {switch.name} (mean ± sd over seeds)")
+    ax.set_title(f"{metric} against {switch.name}\n(mean ± sd over seeds)", fontsize="medium")
     if any(lines):
         ax.legend(fontsize="small")
     return figure
