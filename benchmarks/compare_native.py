@@ -302,12 +302,12 @@ def publish(text: str, output: str | None) -> None:
             handle.write(text)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+def add_measurement_arguments(parser: argparse.ArgumentParser, sizes, repeated: str) -> None:
+    """The flags this benchmark shares with compare_peers.py: shape preset, repeats, device, dtype, threads, outputs
+    (and the hidden flag of the memory child process)."""
+    parser.add_argument("--size", choices=sorted(sizes), default=None,
                         help="shape preset: tiny (smoke test), cpu (default on CPU), gpu (default on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model (median reported)")
-    parser.add_argument("--styles", default="llama,gpt2,bert", help="comma-separated subset of llama,gpt2,bert")
+    parser.add_argument("--repeats", type=int, default=5, help=f"timed repeats per {repeated} (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="float32 on CPU, bfloat16 on CUDA by default")
@@ -315,6 +315,12 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="also write the markdown table here")
     parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_measurement_arguments(parser, SIZES, "model")
+    parser.add_argument("--styles", default="llama,gpt2,bert", help="comma-separated subset of llama,gpt2,bert")
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(args.size, args.styles)

@@ -45,6 +45,7 @@ import hf_blueprint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_native import (  # noqa: E402  (the sibling benchmark's helpers)
     EXACT_MALLOC,
+    add_measurement_arguments,
     cpu_peak_mib_of,
     interleaved,
     machine_load,
@@ -570,22 +571,13 @@ def markdown(result: dict, libraries: list[str], header: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="shape preset: tiny (smoke test), cpu (default on CPU), gpu (default on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per library (median reported)")
+    add_measurement_arguments(parser, SIZES, "library")
     parser.add_argument("--styles", default=",".join(STYLES), help="comma-separated subset of llama,gpt2")
     parser.add_argument("--libraries", default=",".join(LIBRARIES),
                         help="comma-separated subset of blueprint,litgpt,x-transformers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="float32 on CPU, bfloat16 on CUDA by default")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    parser.add_argument("--output", default=None, help="also write the markdown table here")
-    parser.add_argument("--json", default=None, help="also write the raw measurements here")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also list the top N operators (torch.profiler) of a training step and a batch-1 "
                              "generation per library (CPU)")
-    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     styles, libraries = args.styles.split(","), args.libraries.split(",")
     for value, valid, flag in ((styles, STYLES, "--styles"), (libraries, LIBRARIES, "--libraries")):
