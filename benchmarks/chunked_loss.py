@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from hf_blueprint.ablate import write_atomically
 from hf_blueprint.convert import to_transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,15 +249,9 @@ def plot(result: dict, path: str) -> None:
     axes_pair[0].legend(fontsize=8)
     figure.suptitle("Causal-LM training step (fp32, CPU): loss block by block vs materialized logits")
     figure.tight_layout()
-    figure.savefig(path, dpi=120, format="png")  # the name ends in .partial while it is written
+    partial = path + ".partial"  # the figure complete or absent, never half-written
+    figure.savefig(partial, dpi=120, format="png")
     plt.close(figure)
-
-
-def write_whole(path: str, write) -> None:
-    """The file complete or absent: written beside and renamed, never left half-written."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    partial = path + ".partial"
-    write(partial)
     os.replace(partial, path)
 
 
@@ -306,6 +301,9 @@ def main(argv=None) -> int:
     if args.memory_child:
         memory_child(args.size, grid["--vocabularies"][0], grid["--tokens"][0])
         return 0
+    for path in (args.output, args.json, args.plot):  # folders made now: an unwritable one fails before the measurements
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     load_before = compare_native.machine_load()
     result = run(args.size, grid["--vocabularies"], grid["--tokens"], args.repeats, args.large_repeats, args.threads)
     hidden, layers, heads, kv_heads = compare_native.SIZES[args.size][:4]
@@ -317,11 +315,11 @@ def main(argv=None) -> int:
     text = markdown(result, header)
     print(text)
     if args.output:
-        write_whole(args.output, lambda path: Path(path).write_text(text))
+        write_atomically(Path(args.output), text)
     if args.json:
-        write_whole(args.json, lambda path: Path(path).write_text(json.dumps(result, indent=1)))
+        write_atomically(Path(args.json), json.dumps(result, indent=1))
     if args.plot:
-        write_whole(args.plot, lambda path: plot(result, path))
+        plot(result, args.plot)
     return 0
 
 
