@@ -180,8 +180,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lm_args: CausalLMA
     def evaluate_and_sample(trainer, results):
         evaluate_validation(trainer, results)
         if has_eval:
+            validation = DatasetDict(validation=tokenized["validation"])
             for length in lm_args.extra_eval_lengths:
-                validation = DatasetDict(validation=tokenized["validation"])
                 longer = pack_into_blocks(validation, length, sources, data_args.preprocessing_num_workers,
                                           labels=True)["validation"]
                 metrics = trainer.evaluate(longer, metric_key_prefix=f"eval_len{length}")
