@@ -686,7 +686,8 @@ def test_finetune_recipe_starts_from_a_converted_bert(tmp_path, monkeypatch):
     # from BertForSequenceClassification's loss.
     assert len(losses) == len(native_losses) == 2
     assert abs(losses[0] - native_losses[0]) < 1e-5
-    assert results["global_step"] == 2 and "eval_accuracy" in results
+    assert results["global_step"] == native_results["global_step"] == 2
+    assert "eval_accuracy" in results and "eval_accuracy" in native_results
 
     # The fine-tuned body is the converted BERT moved by training (its embeddings started as BERT's), and the
     # fine-tuned model converts back to BertForSequenceClassification with the same outputs.

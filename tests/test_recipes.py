@@ -333,10 +333,10 @@ def test_sentence_validation_split_holds_out_whole_sentences_and_their_long_phra
     assert {label for _, label in validation + test} == {"0", "1"}
 
 
-def test_pretraining_corpus_keeps_each_text_as_the_fine_tuning_reads_it(tmp_path):
+def test_pretraining_corpus_keeps_each_text_as_the_fine_tuning_reads_it(tmp_path, monkeypatch):
     # A word-level vocabulary is case-sensitive: a lowercased corpus made TREC's "What", "How", "Who" [UNK] for the
     # model pretrained on it, which then fine-tuned 10 points below one from scratch.
-    sys.path.insert(0, str(DATA))
+    monkeypatch.syspath_prepend(str(DATA))
     import make_pretraining_corpus
 
     write(tmp_path / "sst2" / "train_sentences.tsv", "sentence\tlabel\na gorgeous , witty movie .\t1\n")
