@@ -448,8 +448,7 @@ def plan(spec: Spec, notes: list[str] | None = None) -> list[Run]:
     comparison is ready early). Each cell is checked with the recipe's parser and config before anything runs."""
     notes = notes if notes is not None else []
     probe = str(spec.output_dir / "runs" / "check" / "output")
-    base_parsed, base_config = check_with_recipe(spec, recipe_arguments(spec, {}, spec.seeds[0], probe), "base")
-    base_values = effective_values(spec, base_parsed, base_config)
+    check_with_recipe(spec, recipe_arguments(spec, {}, spec.seeds[0], probe), "base")
 
     if spec.mode == "grid":
         names = [switch.name for switch in spec.switches]
@@ -471,12 +470,14 @@ def plan(spec: Spec, notes: list[str] | None = None) -> list[Run]:
                 continue
             raise SpecError(f"{spec.path}: {what} and {seen[key]} are the same setting once parsed.")
         seen[key] = what
+        # A switch the cell does not set shows the value its run has, which a varied switch can change (8 query
+        # heads give 8 key/value heads; 1 query head gives 1), not the base cell's.
         shown = {}
         for switch in spec.switches:
             if switch.name in values:
                 shown[switch.name] = format_value(values[switch.name])
             else:
-                known = base_values[switch.name]
+                known = effective[switch.name]
                 shown[switch.name] = format_value(known) if known is not None or switch.kind == "recipe" else "default"
         cells.append(Cell(index=len(cells) + 1, values=values, shown=shown, slug=_slug(values)))
 

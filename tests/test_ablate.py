@@ -131,6 +131,19 @@ def test_one_at_a_time_varies_each_switch_alone_from_the_base(tmp_path, in_repo)
     assert all(run.command[run.command.index("--seed") + 1] == "5" for run in runs)
 
 
+def test_each_cell_shows_the_values_its_run_has(tmp_path, in_repo):
+    # num_key_value_heads follows num_attention_heads unless set: the cell with 2 query heads has 2 key/value heads,
+    # and its row says so (not the base cell's 4).
+    path = tiny_spec(tmp_path, grid=None, seeds=[0], base={"max_steps": 4, "num_attention_heads": 4},
+                     one_at_a_time={"num_attention_heads": [2], "num_key_value_heads": [1]})
+    runs = plan(load_spec(path, str(tmp_path / "out")))
+    assert [run.cell.shown for run in runs] == [
+        {"num_attention_heads": "4", "num_key_value_heads": "4"},
+        {"num_attention_heads": "2", "num_key_value_heads": "2"},
+        {"num_attention_heads": "4", "num_key_value_heads": "1"},
+    ]
+
+
 def test_grid_is_the_cartesian_product_with_seeds_outermost(tmp_path, in_repo):
     path = tiny_spec(tmp_path, seeds=[1, 2],
                      grid={"position_embedding_type": ["learned", "rope"], "warmup_steps": [0, 1]})
