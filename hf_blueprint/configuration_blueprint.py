@@ -131,7 +131,7 @@ class BlueprintConfig(PretrainedConfig):
             away, in every family: itself and the W - 1 before it in a causal stack (W keys, Mistral's meaning), W - 1
             on each side in a bidirectional one (2W - 1 keys). The encoder-decoder's cross-attention always sees the
             whole source. Long inputs take a block-sparse path whose time and memory grow linearly with the length
-            (`attn_implementation="block_sparse"` always; under sdpa from 8 window spans on).
+            (`attn_implementation="block_sparse"` always; under sdpa from 8 window spans and 1,024 tokens on).
         attention_dilation: d > 1 spreads the window's W keys d positions apart (a span of W * d): the dilated
             window of Longformer (Beltagy et al., 2020) and the strided pattern of the Sparse Transformer (Child et
             al., 2019). Needs `sliding_window`. Decoding keeps every key (a cache of full layers).

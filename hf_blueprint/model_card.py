@@ -82,7 +82,7 @@ def attention_pattern(config: BlueprintConfig) -> str:
         parts.append(f"the first {config.global_attention_tokens} tokens are global (they see and are seen by all)")
     cross = " The decoder's cross-attention sees the whole source." if config.model_type == "blueprint_seq2seq" else ""
     return ("**Attention:** " + "; ".join(parts) + ". Long inputs run block by block, time and memory linear in the "
-            "length (`attn_implementation=\"block_sparse\"`, or sdpa from 8 window spans on)." + cross)
+            "length (`attn_implementation=\"block_sparse\"`, or sdpa from 8 window spans and 1,024 tokens on)." + cross)
 
 
 def _split_and_name(key: str) -> tuple[str, str] | None:

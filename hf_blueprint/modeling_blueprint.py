@@ -286,9 +286,11 @@ def attention_with_patterns(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-# Under sdpa, local attention takes the block path from this many window spans on: below it, full attention's fused
-# kernel is faster (measured crossover about 8 spans at window 256; docs/BENCHMARKS.md).
+# Under sdpa, local attention takes the block path from this many window spans and this length on: below either, the
+# fused kernel with the window's dense mask is faster (docs/BENCHMARKS.md: about 8 spans at window 256; at 128-256
+# tokens the block path is 1.5-9x slower at every window, at 512 even, from 1,024 on faster at 8 spans or more).
 BLOCK_PATH_MIN_SPANS = 8
+BLOCK_PATH_MIN_LENGTH = 1024
 
 # Local and sparse attention as an attention implementation of its own (`attn_implementation="block_sparse"`): the
 # block path wherever a step can take it, sdpa with the dense mask elsewhere (so its masks are sdpa's).
@@ -783,14 +785,15 @@ class BlueprintModel(BlueprintPreTrainedModel):
     def takes_block_path(self, seq_len, past_length, output_attentions) -> bool:
         """Local attention runs block by block (sparse_attention.py: time and memory linear in the length) when
         asked for (`attn_implementation="block_sparse"`), or under sdpa once the sequence is long enough to gain
-        (BLOCK_PATH_MIN_SPANS windows); never for a decoding step (a cache already holds keys), for
+        (BLOCK_PATH_MIN_SPANS windows and BLOCK_PATH_MIN_LENGTH tokens); never for a decoding step (a cache already holds keys), for
         output_attentions (which needs the dense weights) or under torch.compile (the block path is not traceable)."""
         config = self.config
         if config.sliding_window is None or output_attentions or is_torchdynamo_compiling() or past_length != 0:
             return False
         span = config.sliding_window * config.attention_dilation
         implementation = config._attn_implementation
-        return implementation == "block_sparse" or (implementation == "sdpa" and seq_len >= BLOCK_PATH_MIN_SPANS * span)
+        long_enough = seq_len >= max(BLOCK_PATH_MIN_SPANS * span, BLOCK_PATH_MIN_LENGTH)
+        return implementation == "block_sparse" or (implementation == "sdpa" and long_enough)
 
     def sparse_pattern(self, key_padding_mask, positions, global_tokens) -> SparseAttentionPattern:
         config = self.config

@@ -92,7 +92,8 @@ def test_eager_weights_are_zero_exactly_outside_the_pattern():
     assert torch.equal(weights > 0, visible)
 
 
-def test_sdpa_takes_the_block_path_from_eight_window_spans_on(monkeypatch):
+@pytest.mark.parametrize("window, dilation", [(2, 2), (80, 2)])  # 8 spans: 32 tokens (under 1,024), 1,280 (over)
+def test_sdpa_takes_the_block_path_from_eight_window_spans_and_1024_tokens_on(monkeypatch, window, dilation):
     calls = []
     real = modeling_blueprint.sparse_attention_forward
 
@@ -101,10 +102,11 @@ def test_sdpa_takes_the_block_path_from_eight_window_spans_on(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(modeling_blueprint, "sparse_attention_forward", counting)
-    model = build("decoder", "sdpa", sliding_window=2, attention_dilation=2).eval()
-    eager = build("decoder", "eager", sliding_window=2, attention_dilation=2).eval()
-    span = 2 * 2
-    for length, expected_calls in ((8 * span - 1, 0), (8 * span, 2)):  # two layers
+    switches = dict(sliding_window=window, attention_dilation=dilation, position_embedding_type="rope")
+    model = build("decoder", "sdpa", **switches).eval()
+    eager = build("decoder", "eager", **switches).eval()
+    threshold = max(8 * window * dilation, 1024)
+    for length, expected_calls in ((threshold - 1, 0), (threshold, 2)):  # two layers
         calls.clear()
         ids = random_ids(1, length, low=3, high=60)
         with torch.no_grad():
@@ -175,9 +177,9 @@ def test_pattern_switches_survive_save_and_load(tmp_path):
 
 
 def test_compiled_forward_equals_the_block_path():
-    model = build("decoder", "sdpa", sliding_window=2).eval()
+    model = build("decoder", "block_sparse", sliding_window=2).eval()
     ids = random_ids(1, 32, low=3, high=60)
     with torch.no_grad():
-        eager = model(ids, use_cache=False).logits  # 32 >= 8 spans: the block path
+        eager = model(ids, use_cache=False).logits  # the block path
         compiled = torch.compile(model, fullgraph=True)(ids, use_cache=False).logits  # dense masks under dynamo
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
