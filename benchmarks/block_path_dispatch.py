@@ -23,15 +23,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_attention import HEAD_DIM, HEADS, SCALING, block_sparse_attention, load  # noqa: E402
+from local_attention import HEAD_DIM, HEADS, SCALING, band_mask, block_sparse_attention, load  # noqa: E402
 
 
 def band_masked_sdpa(window: int, causal: bool):
     def attend(query, key, value):
-        # Built as transformers' masking_utils builds a sliding window: comparisons broadcast into a bool mask.
-        index = torch.arange(query.shape[2])
-        distance = index[:, None] - index[None, :]
-        mask = (distance < window) & ((distance >= 0) if causal else (distance > -window))
+        mask = band_mask(query.shape[2], window, causal)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=SCALING)
     return attend
 

@@ -63,10 +63,16 @@ def full_sdpa(query, key, value):
     return F.scaled_dot_product_attention(query, key, value, scale=SCALING).transpose(1, 2)
 
 
+def band_mask(length: int, window: int, causal: bool = False) -> torch.Tensor:
+    """The window's dense (length, length) bool mask, built as transformers' masking_utils builds a sliding window:
+    comparisons broadcast straight into it (inside the timed step, as a model builds it per forward)."""
+    index = torch.arange(length)
+    distance = index[:, None] - index[None, :]
+    return (distance < window) & ((distance >= 0) if causal else (distance > -window))
+
+
 def dense_band(query, key, value):
-    # Built as transformers' masking_utils builds a sliding window: comparisons broadcast straight into a bool mask.
-    index = torch.arange(query.shape[2])
-    mask = (index[None, :] > index[:, None] - WINDOW) & (index[None, :] < index[:, None] + WINDOW)
+    mask = band_mask(query.shape[2], WINDOW)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=SCALING).transpose(1, 2)
 
 

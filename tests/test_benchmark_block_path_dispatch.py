@@ -2,6 +2,7 @@
 cell, one repeat. It checks the report, not the measurements' values."""
 
 import pytest
+import torch
 
 from test_benchmark import assert_ratio, load_benchmark, table_rows
 
@@ -20,7 +21,6 @@ def test_report_has_a_row_per_cell_with_both_directions_ratios(capsys):
 
 
 def test_band_mask_is_the_window_the_block_path_attends():
-    import torch
     query, key, value = (torch.randn(1, 4, 40, 32, dtype=torch.float64) for _ in range(3))
     for causal in (True, False):
         band = block_path_dispatch.band_masked_sdpa(5, causal)(query, key, value)
